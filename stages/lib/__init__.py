@@ -1,0 +1,1 @@
+"""Shared pieces of the stages: params, io, errors (and later models, labelers, metrics)."""

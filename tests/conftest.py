@@ -1,0 +1,15 @@
+"""Test-wide settings: never touch the network, never write outside the project or tmp dirs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+for var, value in {"YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+                   "YOLO_CONFIG_DIR": str(REPO_ROOT / ".ultralytics"), "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(var, value)
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.lib.errors import CharsegError
+from stages.lib.io import atomic_dir, imread, imwrite_atomic, read_csv, slugify, write_csv
+from stages.lib.params import load_params, number, parse_yaml
+
+
+def test_exponent_floats_written_by_dvc_are_floats():
+    loaded = parse_yaml("lr: 1e-05\nwd: 5E-3\nn: 3\nx: 0.5\nname: 1e5x\n")
+    assert loaded == {"lr": 1e-05, "wd": 5e-3, "n": 3, "x": 0.5, "name": "1e5x"}
+    assert isinstance(loaded["lr"], float)
+
+
+def test_number_rejects_wrong_types_and_ranges():
+    assert number({"fps": 2}, "fps", lo=0.01) == 2.0
+    with pytest.raises(CharsegError, match="frames.fps"):
+        number({"fps": "fast"}, "fps", where="frames")
+    with pytest.raises(CharsegError, match=r"outside \[0, 1\]"):
+        number({"v": 1.5}, "v", lo=0, hi=1)
+    with pytest.raises(CharsegError, match="whole number"):
+        number({"n": 2.5}, "n", integer=True)
+
+
+def test_load_params_missing_file(tmp_path):
+    with pytest.raises(CharsegError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_repo_params_load():
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert isinstance(params["frames"]["fps"], float)
+
+
+def test_slugify_is_safe_and_injective():
+    assert slugify("alice") == "alice"
+    names = ["Zoë Ünal", "Zoe Unal", "Zoe_Unal", "日本語", "中文"]
+    slugs = [slugify(n) for n in names]
+    assert len(set(slugs)) == len(names)
+    assert all(s.isascii() and "/" not in s and " " not in s for s in slugs)
+
+
+def test_atomic_dir_keeps_old_output_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("second")
+            raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_csv_and_image_roundtrip_with_unicode_path(tmp_path):
+    rows = [{"id": "a b", "n": "1"}, {"id": "é,\"q\"", "n": "2"}]
+    write_csv(tmp_path / "m.csv", rows, ["id", "n"])
+    assert read_csv(tmp_path / "m.csv") == rows
+    image = np.full((4, 5), 255, np.uint8)
+    imwrite_atomic(tmp_path / "ünï cødé.png", image)
+    assert np.array_equal(imread(tmp_path / "ünï cødé.png", 0), image)
+    (tmp_path / "bad.png").write_bytes(b"")
+    with pytest.raises(CharsegError, match="bad.png"):
+        imread(tmp_path / "bad.png")
