@@ -64,3 +64,16 @@ def test_csv_and_image_roundtrip_with_unicode_path(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"")
     with pytest.raises(CharsegError, match="bad.png"):
         imread(tmp_path / "bad.png")
+
+
+def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        imwrite_atomic(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

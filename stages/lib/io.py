@@ -24,14 +24,23 @@ import numpy as np
 from .errors import CharsegError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    make = tempfile.mkdtemp if is_dir else tempfile.mkstemp
-    result = make(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    if not is_dir:
-        os.close(result[0])
-        return Path(result[1])
-    return Path(result)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    # mkstemp/mkdtemp create 0600/0700; outputs shared on a team's GPU box need the usual umask modes.
+    tmp.chmod((0o777 if is_dir else 0o666) & ~_umask())
+    return tmp
 
 
 def _remove(path: Path) -> None:
