@@ -17,8 +17,8 @@ unchanged.
 
 The input may be the frames manifest or the masks manifest. When it has a `status` column, rows
 `labelled` are kept, `empty` (no person found: an all-background mask) only when
-`split.keep_empty` is true, and `failed` never. That choice lives here, in `split:`, because it
-decides which frames become examples; the masks stage only reports what it found.
+`labels.keep_empty` is true, and `failed` never. The masks stage only reports what it found; the
+split applies the choice, so toggling `labels.keep_empty` reruns the split, not the labelling.
 """
 from __future__ import annotations
 
@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/split.json"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    cfg = section(load_params(args.params), "split")
-    keep_empty = cfg.get("keep_empty")
-    require(isinstance(keep_empty, bool), f"params.yaml: 'split.keep_empty' must be true or false, got {keep_empty!r}")
+    params = load_params(args.params)
+    cfg = section(params, "split")
+    keep_empty = params.get("labels", {}).get("keep_empty")
+    require(isinstance(keep_empty, bool), f"params.yaml: 'labels.keep_empty' must be true or false, got {keep_empty!r}")
     val_fraction = number(cfg, "val_fraction", where="split")
     seed = number(cfg, "seed", lo=0, integer=True, where="split")
     gap_seconds = number(cfg, "gap_seconds", lo=0, where="split")

@@ -90,7 +90,7 @@ def test_same_input_same_json_regardless_of_row_order(tmp_path):
 def test_cli_writes_identical_files_for_shuffled_manifests(tmp_path):
     rows = random_manifest(random.Random(5))
     params = tmp_path / "params.yaml"
-    params.write_text("split:\n  val_fraction: 0.2\n  seed: 1\n  gap_seconds: 5\n  keep_empty: true\n")
+    params.write_text("split:\n  val_fraction: 0.2\n  seed: 1\n  gap_seconds: 5\nlabels:\n  keep_empty: true\n")
     written = []
     for order_seed in range(2):
         random.Random(order_seed).shuffle(rows)
@@ -222,9 +222,9 @@ def test_cli_params_errors(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", frames("a", "x.mp4", 3) + frames("a", "y.mp4", 3))
     params = tmp_path / "params.yaml"
     params.write_text("split:\n  val_fraction: 0.2\n  seed: 1\n  gap_seconds: 5\n")
-    with pytest.raises(CharsegError, match="split.keep_empty"):
+    with pytest.raises(CharsegError, match="labels.keep_empty"):
         main(["--manifest", str(manifest), "--params", str(params)])
-    params.write_text("split:\n  val_fraction: 0.2\n  seed: 1.5\n  gap_seconds: 5\n  keep_empty: false\n")
+    params.write_text("split:\n  val_fraction: 0.2\n  seed: 1.5\n  gap_seconds: 5\nlabels:\n  keep_empty: false\n")
     with pytest.raises(CharsegError, match="split.seed"):
         main(["--manifest", str(manifest), "--params", str(params)])
 
