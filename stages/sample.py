@@ -30,6 +30,7 @@ import numpy as np
 
 from stages.lib.errors import CharsegError, run_cli
 from stages.lib.io import atomic_dir, imwrite_atomic, write_csv, write_json
+from stages.lib.params import load_params
 from stages.lib.video import is_video_file
 
 # .mkv/.webm are not used: ffmpeg's Matroska muxer writes random UIDs, so the bytes would differ per run.
@@ -293,6 +294,20 @@ def generate(out_root: Path, seed: int = 0, duration_scale: float = 1.0) -> list
     return written
 
 
+def demo_overrides(profile: Path = Path("params.sample.yaml")) -> list[str]:
+    """The profile's nested keys as `-S key=value` arguments for `dvc exp run`."""
+    profile_params = load_params(profile)
+
+    def flatten(prefix: str, value: object) -> Iterator[str]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from flatten(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            yield f"{prefix}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+
+    return [arg for pair in flatten("", profile_params) for arg in ("-S", pair)]
+
+
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -304,7 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-scale", type=float, default=1.0, help="clip length factor (1 = full sample)")
     parser.add_argument("--if-empty", action="store_true",
                         help="do nothing when <out>/videos already holds a video (yours or a sample)")
+    parser.add_argument("--print-overrides", type=Path, metavar="PROFILE",
+                        help="print PROFILE (params.sample.yaml) as `-S key=value` arguments for dvc exp run, and exit")
     args = parser.parse_args(argv)
+    if args.print_overrides:
+        print(" ".join(demo_overrides(args.print_overrides)))
+        return
     if not 0 < args.duration_scale <= 10:
         raise CharsegError(f"--duration-scale must be in (0, 10], got {args.duration_scale}")
     videos_dir = args.out / "videos"
