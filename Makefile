@@ -18,9 +18,16 @@ $(VENV)/.installed: requirements.txt
 sample: install
 	$(PY) -m stages.sample --if-empty --out data/raw
 
+# No videos of your own: the generated sample runs under the demo profile of params.sample.yaml.
 repro: sample
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
-	@echo "done: frames in data/frames, plots in plots/, metrics in metrics/ (dvc metrics show, dvc plots show)"
+	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	if [ -f data/raw/videos/.charseg-sample.json ]; then \
+		echo "repro: data/raw/videos holds the generated sample: dvc exp run with params.sample.yaml"; \
+		dvc exp run $$(python -m stages.sample --print-overrides params.sample.yaml); \
+	else \
+		dvc repro; \
+	fi
+	@echo "repro: done. Comparison: reports/comparison.md; plots: plots/ (dvc plots show); metrics: dvc metrics show"
 
 test: install
 	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests

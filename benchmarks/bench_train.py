@@ -1,0 +1,186 @@
+"""Training speed: the data path against the seed's, and the step time of every model.
+
+    python benchmarks/bench_train.py [--frames 64] [--frame-size 1280x720] [--img-size N] [--batch-size N]
+                                     [--workers 0] [--steps 3] [--models unetpp,pspnet,...] [--threads N]
+
+1. Data path. Synthetic full-size JPEG frames + PNG masks. "seed": what the original notebook did,
+   decode the full-size frame and mask and resize them on every access (then the same augmentation
+   and normalisation). "charseg": stages/lib/data.py, pairs decoded once into the pre-resized cache,
+   normalised on the device. Reports the cold cache build, loader-only images/s, and training
+   images/s with the same model (--train-model) and the same training step for both loaders.
+2. Step time of each model of params.yaml at img_size/batch_size (defaults: params.yaml), CPU unless
+   a GPU is present, encoder_weights null (no download), after one warm-up step.
+Figures are printed; nothing is asserted. On 2 CPU cores at the defaults (512 px, batch 8) part 2 takes
+minutes per model (DeepLabV3 runs its ASPP at stride 8); --img-size 128 --batch-size 4 gives a quick look.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.lib import models  # noqa: E402
+from stages.lib.data import Augment, PairDataset, cache_pairs, normalize, read_pair, resize_pair  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
+from stages.train import dice_loss, read_config  # noqa: E402
+
+
+class SeedDataset(Dataset):
+    """The seed's loader: full-size decode + resize on every access, normalised on the CPU."""
+
+    def __init__(self, ids: list[str], frames_dir: Path, masks_dir: Path, img_size: int, augment: Augment,
+                 mean: list[float], std: list[float]) -> None:
+        self.ids, self.frames_dir, self.masks_dir, self.img_size = ids, frames_dir, masks_dir, img_size
+        self.augment, self.mean, self.std = augment, np.float32(mean) * 255, np.float32(std) * 255
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = resize_pair(*read_pair(self.frames_dir, self.masks_dir, self.ids[index]), self.img_size)
+        image, mask = self.augment(image, mask, np.random.default_rng(index))
+        image = (image.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(mask[None].copy())
+
+
+def make_frames(root: Path, count: int, width: int, height: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    (root / "frames").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    ids = []
+    for i in range(count):
+        frame_id = f"bench--clip--{i:08d}"
+        image = cv2.resize(rng.integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8), (width, height),
+                           interpolation=cv2.INTER_CUBIC)
+        image = cv2.add(image, rng.integers(0, 40, image.shape, dtype=np.uint8))  # grain, as in real footage
+        mask = np.zeros((height, width), np.uint8)
+        cv2.ellipse(mask, (int(rng.integers(width // 4, 3 * width // 4)), height // 2),
+                    (width // 10, height // 3), 0, 0, 360, 255, -1)
+        cv2.imwrite(str(root / "frames" / f"{frame_id}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(root / "masks" / f"{frame_id}.png"), mask)
+        ids.append(frame_id)
+    return ids
+
+
+def loader_rate(loader: DataLoader, epochs: int) -> float:
+    start, seen = time.perf_counter(), 0
+    for _ in range(epochs):
+        for images, _ in loader:
+            seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+def train_rate(loader: DataLoader, model: torch.nn.Module, device: torch.device, mean: list[float],
+               std: list[float], steps: int) -> float:
+    """Training images/s over `steps` steps (after one warm-up step), data loading included."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = dice_loss()
+    model.train()
+    seen, start, step = 0, 0.0, 0
+    while step <= steps:
+        for images, masks in loader:
+            if step == 1:
+                start, seen = time.perf_counter(), 0
+            if step > steps:
+                break
+            images = images.to(device)
+            inputs = normalize(images, mean, std) if images.dtype == torch.uint8 else images
+            loss = loss_fn(model(inputs).float(), masks.to(device).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(images)
+            step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def step_time(cfg: dict, img_size: int, batch_size: int, device: torch.device, steps: int) -> float:
+    model = models.build_model({**cfg, "encoder_weights": None}).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = dice_loss()
+    inputs = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    target = (torch.rand(batch_size, 1, img_size, img_size, device=device) > 0.5).float()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = loss_fn(model(inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def main() -> None:
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    defaults = read_config(params)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=64, help="synthetic frames in the data-path test")
+    parser.add_argument("--frame-size", default="1280x720", help="full frame size, WIDTHxHEIGHT")
+    parser.add_argument("--img-size", type=int, default=defaults.img_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for both loaders")
+    parser.add_argument("--epochs", type=int, default=2, help="loader-only passes over the frames")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per measurement")
+    parser.add_argument("--train-model", default="pspnet", help="model of params.yaml for the data-path run")
+    parser.add_argument("--models", default=",".join(params["models"]), help="models to time, comma-separated")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    width, height = (int(v) for v in args.frame_size.lower().split("x"))
+    print(f"device {device}, torch threads {torch.get_num_threads()}, img_size {args.img_size}, "
+          f"batch_size {args.batch_size}, workers {args.workers}")
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        ids = make_frames(root, args.frames, width, height)
+        train_cfg = params["models"][args.train_model]
+        mean, std = models.normalization({**train_cfg, "encoder_weights": None})
+        augment = defaults.augment
+        seed_set = SeedDataset(ids, root / "frames", root / "masks", args.img_size, augment, mean, std)
+        start = time.perf_counter()
+        cached = cache_pairs(ids, root / "frames", root / "masks", args.img_size, root / "cache", progress=False)
+        cold = time.perf_counter() - start
+        ours_set = PairDataset(cached, augment, seed=0)
+        print(f"\n1. data path, {args.frames} frames of {width}x{height} -> {args.img_size}px")
+        print(f"   cold cache build (once per img_size, ever): {cold:.2f} s = {args.frames / cold:.1f} frames/s")
+
+        def loader(dataset: Dataset) -> DataLoader:
+            return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=True)
+
+        seed_rate = loader_rate(loader(seed_set), args.epochs)
+        ours_rate = loader_rate(loader(ours_set), args.epochs)
+        print(f"   loader only: seed {seed_rate:8.1f} img/s | charseg {ours_rate:8.1f} img/s | "
+              f"x{ours_rate / seed_rate:.1f}")
+        torch.manual_seed(0)
+        model = models.build_model({**train_cfg, "encoder_weights": None}).to(device)
+        seed_train = train_rate(loader(seed_set), model, device, mean, std, args.steps)
+        ours_train = train_rate(loader(ours_set), model, device, mean, std, args.steps)
+        print(f"   training ({args.train_model}): seed {seed_train:6.2f} img/s | charseg {ours_train:6.2f} img/s | "
+              f"x{ours_train / seed_train:.2f}")
+
+    print(f"\n2. train step time per model ({device}, {args.img_size}px, batch {args.batch_size}, "
+          f"median of {args.steps})")
+    for name in args.models.split(","):
+        seconds = step_time(params["models"][name], args.img_size, args.batch_size, device, args.steps)
+        print(f"   {name:10s} {seconds:7.3f} s/step  {args.batch_size / seconds:7.2f} img/s")
+
+
+if __name__ == "__main__":
+    main()
