@@ -25,8 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from stages.lib.errors import CharsegError, require, run_cli
-from stages.lib.io import atomic_dir, imread, read_csv, slugify, write_csv, write_json
+from stages.lib.errors import CharsegError, run_cli
+from stages.lib.io import atomic_dir, imread, read_manifest, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
 
 MANIFEST_COLUMNS = ("id", "character", "video", "timestamp")
@@ -49,20 +49,8 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def read_manifest(frames_dir: Path) -> list[dict[str, str]]:
-    manifest = frames_dir / "manifest.csv"
-    rows = read_csv(manifest)
-    require(rows, f"{manifest} lists no frames: add videos under data/raw/videos/<character>/ "
-                  f"and re-run the frames stage (dvc repro frames)")
-    missing = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
-    require(not missing, f"{manifest} lacks column(s) {', '.join(missing)}: re-run the frames stage")
-    for row in rows:
-        try:
-            row["timestamp"] = float(row["timestamp"])
-        except ValueError:
-            raise CharsegError(f"{manifest}: frame {row['id']!r} has timestamp {row['timestamp']!r}, "
-                               f"not a number: re-run the frames stage") from None
-    return rows
+def read_frames_manifest(frames_dir: Path) -> list[dict[str, Any]]:
+    return read_manifest(frames_dir / "manifest.csv", MANIFEST_COLUMNS)
 
 
 def gray_stats(path: Path) -> FrameStats:
@@ -202,7 +190,7 @@ def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], imag
 
 def run_eda(frames_dir: Path, plots_dir: Path, metrics_path: Path, samples_per_character: int,
             dark_mean: float, uniform_std: float, workers: int) -> dict[str, float | int]:
-    rows = read_manifest(frames_dir)
+    rows = read_frames_manifest(frames_dir)
     images_dir = frames_dir / "images"
     paths = [images_dir / f"{row['id']}.jpg" for row in rows]
     stats: list[FrameStats] = []

@@ -38,11 +38,10 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.lib.errors import CharsegError, run_cli
-from stages.lib.io import atomic_dir, imwrite_atomic, slugify, write_csv, write_json
+from stages.lib.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
 from stages.lib.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
 
-MANIFEST_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
 MIN_CHUNK_SECONDS = 30.0  # a video is cut into parallel chunks no shorter than this
 CHUNKS_PER_WORKER = 2     # a few more chunks than workers, so that they finish at about the same time
 
@@ -286,7 +285,7 @@ def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: in
             raise CharsegError(f"no frame could be extracted from the {len(jobs)} video(s) in {videos_root} "
                                f"({reasons}): fix or replace the files listed above")
         rows.sort(key=lambda row: row["id"])
-        write_csv(tmp / "manifest.csv", rows, MANIFEST_COLUMNS)
+        write_csv(tmp / "manifest.csv", rows, FRAME_COLUMNS)
         report = {"params": {"fps": fps, "max_side": max_side, "jpeg_quality": jpeg_quality},
                   "videos_processed": len(entries), "frames_written": len(rows), "videos": entries,
                   "skipped": skipped, "warnings": warnings}

@@ -32,13 +32,13 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.lib.errors import CharsegError, require, run_cli
-from stages.lib.io import atomic_dir, imread, imwrite_atomic, read_csv, slugify, write_csv, write_json
+from stages.lib.io import (atomic_dir, imread, imwrite_atomic, read_manifest, slugify,
+                          write_csv, write_json)
 from stages.lib.labelers import (FrameLabel, LabelCache, MaskMismatch, RefineConfig, YoloSamLabeler,
                                  check_model_type, mask_files, read_binary_mask, refine_mask)
 from stages.lib.metrics import Counts, confusion, dice
 from stages.lib.params import load_params, number, section
 
-FRAME_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
 LABEL_COLUMNS = ("status", "n_persons", "coverage", "boxes", "box_scores", "sam_scores", "truth_dice", "note")
 METHODS = ("yolo_sam", "import")
 TRACKED_INPUTS = Path("data/raw")  # the folder dvc.yaml's masks stage depends on, besides frames and weights
@@ -115,17 +115,6 @@ def labels_config(params: dict[str, Any]) -> LabelsConfig:
         cache_dir=Path(_text(cfg, "cache_dir", "labels")),
         qa_samples=number(cfg, "qa_samples", lo=0, integer=True, where="labels"),
     )
-
-
-def read_frames(manifest: Path) -> list[dict[str, str]]:
-    rows = read_csv(manifest)
-    require(rows, f"{manifest} lists no frames: add videos to data/raw/videos and run the frames stage (dvc repro)")
-    missing = [c for c in FRAME_COLUMNS if c not in rows[0]]
-    require(not missing, f"{manifest} lacks column(s) {', '.join(missing)}: re-run the frames stage (dvc repro frames)")
-    repeated = sorted(i for i, n in Counter(r["id"] for r in rows).items() if n > 1)
-    if repeated:
-        raise CharsegError(f"{manifest} lists frame id(s) more than once (e.g. {repeated[0]}): re-run the frames stage")
-    return rows
 
 
 class MaskSaver:
@@ -348,7 +337,7 @@ def make_masks(frames_dir: Path, out_dir: Path, plots_dir: Path, metrics_path: P
     `labeler` replaces the one built from cfg's weights files (tests plant detections this way).
     Weights are resolved before anything is written: absent weights stop the run with nothing changed.
     """
-    rows = read_frames(frames_dir / "manifest.csv")
+    rows = read_manifest(frames_dir / "manifest.csv")
     frames_images = frames_dir / "images"
     if cfg.method == "yolo_sam" and labeler is None:
         labeler = YoloSamLabeler.from_files(

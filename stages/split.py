@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.errors import CharsegError, require, run_cli
-from stages.lib.io import read_csv, write_json
+from stages.lib.errors import require, run_cli
+from stages.lib.io import read_manifest, write_json
 from stages.lib.params import load_params, number, section
 
 REQUIRED_COLUMNS = ("id", "character", "video", "timestamp")
@@ -52,20 +52,7 @@ def character_rng(seed: int, character: str) -> np.random.Generator:
 
 
 def read_rows(manifest: Path) -> list[dict[str, Any]]:
-    rows = read_csv(manifest)
-    require(rows, f"{manifest} lists no frames: run the stages before split (dvc repro) on some videos")
-    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
-    require(not missing, f"{manifest} lacks column(s) {', '.join(missing)}: re-run the stage that wrote it")
-    duplicates = sorted(i for i, n in Counter(r["id"] for r in rows).items() if n > 1)
-    require(not duplicates, f"{manifest} lists {len(duplicates)} id(s) more than once "
-                            f"(e.g. {', '.join(duplicates[:5])}): re-run the stage that wrote it")
-    for row in rows:
-        try:
-            row["timestamp"] = float(row["timestamp"])
-        except ValueError:
-            raise CharsegError(f"{manifest}: frame {row['id']!r} has timestamp {row['timestamp']!r}, "
-                               f"not a number: re-run the stage that wrote it") from None
-    return rows
+    return read_manifest(manifest, REQUIRED_COLUMNS)
 
 
 def usable_statuses(keep_empty: bool) -> set[str]:

@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 for var, value in {"YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
@@ -13,3 +15,14 @@ for var, value in {"YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Model tests share 2 cores with the rest of the suite: one torch thread each is faster overall."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

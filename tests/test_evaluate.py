@@ -22,12 +22,7 @@ MASK_BOXES = [(5, 10, 20, 30), (0, 0, 40, 8), (10, 20, 30, 50)]  # top, left, bo
 CONSTANT_MODELS = {"everything": 20.0, "nothing": -20.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_project(root: Path) -> dict[str, Path]:

@@ -12,7 +12,7 @@ import stages.frames as frames
 import stages.lib.video as video
 from helpers import write_video
 from stages.lib.errors import CharsegError
-from stages.lib.io import imread
+from stages.lib.io import FRAME_COLUMNS, imread
 from stages.lib.video import FrameReader, TimestampSampler, probe
 from stages.sample import generate
 
@@ -67,7 +67,7 @@ def test_manifest_contract_with_unicode_and_spaces(tmp_path):
     write_video(tmp_path / "v" / "bob" / "clip_01.AVI", 30, 25, size=(80, 60))
     _extract(tmp_path / "v", tmp_path / "out")
     rows = _manifest(tmp_path / "out")
-    assert list(rows[0]) == list(frames.MANIFEST_COLUMNS)
+    assert list(rows[0]) == list(FRAME_COLUMNS)
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     assert len({r["id"] for r in rows}) == len(rows) == 3 + 2
     assert {r["video"] for r in rows} == {"Zoë Ünal/ep 1 (final).mp4", "bob/clip_01.AVI"}

@@ -98,6 +98,25 @@ def test_sam_segmenter_prompts_all_boxes_in_one_call():
     assert segmenter.predictor.features is None  # the embedding is not kept between frames
 
 
+@pytest.mark.slow
+def test_real_vit_b_sam_segments_a_planted_box_with_one_encoder_pass():
+    """The full-size SAM vit_b (random weights: sam_model_registry["vit_b"](checkpoint=None) through
+    load_sam) behind SamBoxSegmenter: one real image-encoder pass, one frame-sized mask and IoU per box."""
+    torch.manual_seed(0)
+    sam = load_sam("vit_b", None)
+    encoder_inputs = []
+    sam.image_encoder.register_forward_hook(lambda module, args, output: encoder_inputs.append(tuple(args[0].shape)))
+    frame = np.full((48, 64, 3), (90, 120, 60), np.uint8)
+    cv2.rectangle(frame, (20, 8), (38, 44), (40, 40, 200), thickness=-1)  # the planted "person"
+    boxes = np.array([[18, 6, 40, 46]], np.float32)
+
+    masks, scores = SamBoxSegmenter(sam).segment(frame, boxes)
+
+    assert encoder_inputs == [(1, 3, 1024, 1024)]  # once for the frame, at SAM's own input size
+    assert masks.shape == (1, 48, 64) and masks.dtype == bool
+    assert scores.shape == (1,) and scores.dtype == np.float32 and np.isfinite(scores).all()
+
+
 def test_load_sam_errors_name_the_file(tmp_path):
     corrupt = tmp_path / "sam.pth"
     corrupt.write_bytes(b"not a checkpoint")

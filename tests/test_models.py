@@ -16,12 +16,7 @@ IMG_SIZE = 64
 MODELS = load_params(REPO_ROOT / "params.yaml")["models"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def offline(cfg: dict) -> dict:

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -96,6 +97,32 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         raise CharsegError(f"{path} not found: run the stage that produces it first (dvc repro)")
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+FRAME_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
+
+
+def read_manifest(path: str | Path, required: Sequence[str] = FRAME_COLUMNS) -> list[dict[str, Any]]:
+    """Rows of a frames or masks manifest, checked: not empty, columns present, ids unique, timestamps numbers."""
+    path = Path(path)
+    rows = read_csv(path)
+    redo = "re-run the stage that wrote it (dvc repro)"
+    if not rows:
+        raise CharsegError(f"{path} lists no frames: add videos under data/raw/videos/<character>/ and {redo}")
+    missing = [c for c in required if c not in rows[0]]
+    if missing:
+        raise CharsegError(f"{path} lacks column(s) {', '.join(missing)}: {redo}")
+    repeated = sorted(i for i, n in Counter(r["id"] for r in rows).items() if n > 1)
+    if repeated:
+        raise CharsegError(f"{path} lists {len(repeated)} id(s) more than once (e.g. {', '.join(repeated[:5])}): {redo}")
+    if "timestamp" in required:
+        for row in rows:
+            try:
+                row["timestamp"] = float(row["timestamp"])
+            except ValueError:
+                raise CharsegError(f"{path}: frame {row['id']!r} has timestamp {row['timestamp']!r}, "
+                                   f"not a number: {redo}") from None
+    return rows
 
 
 def imwrite_atomic(path: str | Path, image: np.ndarray, params: Sequence[int] = ()) -> None:
