@@ -132,7 +132,7 @@ def main() -> None:
             boxes_by_pixels[hashlib.sha1(decoded.tobytes()).hexdigest()] = frames[i][1]
             rows.append({"id": frame_id, "character": "bench", "video": "bench/clip.mp4", "frame_index": i,
                          "timestamp": float(i), "width": width, "height": height})
-        write_csv(tmp / "frames/manifest.csv", rows, stage.FRAME_COLUMNS)
+        write_csv(tmp / "frames/manifest.csv", rows, FRAME_COLUMNS)
         cfg = stage.LabelsConfig(
             method="yolo_sam", detector_weights=Path("unused"), conf=0.5, min_box_area=0.002, imgsz=640, batch=16,
             sam_model_type=args.model_type, sam_checkpoint=Path("unused"), device=str(device), half=half,

@@ -191,7 +191,7 @@ def test_official_sam_hashes_are_full_sha256():
 
 def test_real_yolo_from_a_local_file_detects_in_batches_without_integrations(tmp_path):
     from ultralytics import YOLO
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import NUM_THREADS, SETTINGS
 
     torch.manual_seed(0)
     YOLO("yolov8n.yaml").save(tmp_path / "yolo.pt")
@@ -200,7 +200,13 @@ def test_real_yolo_from_a_local_file_detects_in_batches_without_integrations(tmp
     rng = np.random.default_rng(0)
     gray = cv2.cvtColor(rng.integers(0, 255, (40, 40), np.uint8), cv2.COLOR_GRAY2BGR)
     images = [rng.integers(0, 255, (48, 64, 3), np.uint8), gray, rng.integers(0, 255, (30, 90, 3), np.uint8)]
-    found = detector.detect(images)
+    threads, wanted = torch.get_num_threads(), NUM_THREADS + 1  # ultralytics would set NUM_THREADS
+    torch.set_num_threads(wanted)
+    try:
+        found = detector.detect(images)
+        assert torch.get_num_threads() == wanted, "YOLO left torch's CPU thread count changed (SAM would slow down)"
+    finally:
+        torch.set_num_threads(threads)
     assert len(found) == 3 and all(d.boxes.shape[1] == 4 and len(d.boxes) == len(d.scores) for d in found)
     assert SETTINGS["dvc"] is False and SETTINGS["sync"] is False
     assert str(SETTINGS.file).startswith(str(labelers.PROJECT_ROOT))

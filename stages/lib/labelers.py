@@ -279,9 +279,15 @@ class PersonDetector:
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not images:
             return []
-        # quantize=16 is ultralytics 8.4's name for half precision (`half` is deprecated there).
-        results = self.model.predict(list(images), conf=self.conf, classes=[PERSON_CLASS], imgsz=self.imgsz,
-                                     device=str(self.device), quantize=16 if self.half else None, verbose=False)
+        # Ultralytics' device selection sets torch's CPU threads to cpu_count - 1 for the whole process (1 on a
+        # 2-core box), which then halves SAM's speed: give the rest of the stage its threads back.
+        threads = torch.get_num_threads()
+        try:
+            # quantize=16 is ultralytics 8.4's name for half precision (`half` is deprecated there).
+            results = self.model.predict(list(images), conf=self.conf, classes=[PERSON_CLASS], imgsz=self.imgsz,
+                                         device=str(self.device), quantize=16 if self.half else None, verbose=False)
+        finally:
+            torch.set_num_threads(threads)
         detections = []
         for image, result in zip(images, results):
             boxes = result.boxes
