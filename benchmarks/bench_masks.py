@@ -63,7 +63,7 @@ def main() -> None:
     import torch
 
     from stages import masks as stage
-    from stages.lib.io import imread, imwrite_atomic, write_csv
+    from stages.lib.io import FRAME_COLUMNS, imread, imwrite_atomic, write_csv
     from stages.lib.labelers import (Detections, PersonDetector, RefineConfig, SamBoxSegmenter, YoloSamLabeler,
                                      load_sam, load_yolo, select_device)
 
