@@ -65,7 +65,8 @@ def main() -> None:
     from stages import masks as stage
     from stages.lib.io import FRAME_COLUMNS, imread, imwrite_atomic, write_csv
     from stages.lib.labelers import (Detections, PersonDetector, RefineConfig, SamBoxSegmenter, YoloSamLabeler,
-                                     load_sam, load_yolo, select_device)
+                                     load_sam, load_yolo)
+    from stages.lib.device import select_device
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     device = select_device(args.device)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .lib import metrics, models
 from .lib.data import normalize, read_pair, read_split, resize_pair
+from .lib.device import select_device
 from .lib.errors import CharsegError, require, run_cli
 from .lib.io import atomic_dir, imread, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
 from .lib.params import load_params, number, section
@@ -127,10 +128,6 @@ class Scores:
                 "dice_per_character": {c: metrics.dice(n) for c, n in sorted(self.per_character.items())}}
 
 
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, meta: dict[str, Any], image: np.ndarray, mask: np.ndarray,
                   device: torch.device) -> np.ndarray:
@@ -179,7 +176,7 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
              plots_dir: Path, device: str = "auto", progress: bool = True) -> dict[str, dict[str, Any]]:
     """Score every model, write all outputs; returns {model name: its metrics}."""
     require(model_cfgs, "params.yaml 'models:' is empty: there is nothing to evaluate")
-    torch_device = resolve_device(device)
+    torch_device = select_device(device)
     frames = read_val_frames(split, manifest)
     truth = truth_masks(cfg.truth_dir, frames) if cfg.truth_dir else {}
     loaded = {}

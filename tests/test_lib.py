@@ -77,3 +77,17 @@ def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
         os.umask(old)
     assert (tmp_path / "m.png").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_select_device_names_the_setting_on_bad_values():
+    import torch
+
+    from stages.lib.device import select_device
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CharsegError, match="labels.device 'gpu0' is not a device"):
+        select_device("gpu0", "labels.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(CharsegError, match="no CUDA GPU is visible"):
+            select_device("cuda:1")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .device import select_device
 from .errors import CharsegError
 from .io import imread, imwrite_atomic, read_json, write_json
 
@@ -171,20 +172,6 @@ def download_verified(url: str, path: Path, sha256: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-
-
-def select_device(name: str) -> torch.device:
-    """'auto' is the GPU when one is visible, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise CharsegError(f"params.yaml: labels.device {name!r} is not a device: use auto, cpu, cuda or "
-                           f"cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CharsegError(f"params.yaml: labels.device is {name!r} but no CUDA GPU is visible: use auto or cpu")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +373,7 @@ class YoloSamLabeler:
     def from_files(cls, *, detector_weights: str | Path, conf: float, min_box_area: float, imgsz: int,
                    sam_model_type: str, sam_checkpoint: str | Path, device: str, half: bool) -> YoloSamLabeler:
         """Resolve (and, when online and absent, download) both weights files now, load them on first use."""
-        torch_device = select_device(device)
+        torch_device = select_device(device, "params.yaml: labels.device")
         yolo_path = resolve_yolo_weights(detector_weights)
         sam_path = resolve_sam_checkpoint(sam_model_type, sam_checkpoint)
         use_half = half and torch_device.type == "cuda"
