@@ -35,7 +35,7 @@ from matplotlib.patches import Patch
 from tqdm import tqdm
 
 from .lib import metrics, models
-from .lib.data import normalize, read_pair, read_split, resize_pair
+from .lib.data import normalize, read_pair, read_split, resize_image
 from .lib.device import select_device
 from .lib.errors import CharsegError, require, run_cli
 from .lib.io import atomic_dir, imread, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
@@ -129,12 +129,12 @@ class Scores:
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, meta: dict[str, Any], image: np.ndarray, mask: np.ndarray,
+def predict_proba(model: torch.nn.Module, meta: dict[str, Any], image: np.ndarray,
                   device: torch.device) -> np.ndarray:
     """Foreground probability (H, W) of an RGB frame, at the frame's own size.
 
-    The frame is resized exactly as in training (data.resize_pair, which also wants the mask)."""
-    small, _ = resize_pair(image, mask, meta["img_size"])
+    The frame is resized exactly as in training (data.resize_image)."""
+    small = resize_image(image, meta["img_size"])
     batch = torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)))[None].to(device)
     logits = model(normalize(batch, meta["mean"], meta["std"]))
     probs = F.interpolate(torch.sigmoid(logits), size=image.shape[:2], mode="bilinear", align_corners=False)
@@ -198,7 +198,7 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
                "preds": {}}
         for name, (model, meta) in loaded.items():
             start = time.perf_counter()
-            probs = predict_proba(model, meta, image, target, torch_device)
+            probs = predict_proba(model, meta, image, torch_device)
             pred = probs > meta["threshold"]
             latency_ms[name].append((time.perf_counter() - start) * 1000)  # .cpu() waited for the GPU
             scores[name].add(pred, target, frame.character)

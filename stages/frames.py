@@ -26,7 +26,6 @@ import argparse
 import math
 import multiprocessing
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.lib.errors import CharsegError, run_cli
+from stages.lib.errors import CharsegError, run_cli, warn
 from stages.lib.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
 from stages.lib.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
@@ -203,10 +202,6 @@ def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[
     return {"rows": rows, "video": entry, "warnings": warnings}
 
 
-def _warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
-
-
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # parallelism comes from the processes; avoid cores x cores threads
 
@@ -248,7 +243,7 @@ def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: in
     jobs, skipped = discover(videos_root)
     if not jobs:
         for item in skipped:
-            _warn(f"skipped {item['reason']}")
+            warn(f"skipped {item['reason']}")
         raise CharsegError(f"no videos found in {videos_root}: {how_to}")
     videos = []
     for job in jobs:
@@ -277,9 +272,9 @@ def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: in
             warnings.extend(merged["warnings"])
         skipped.sort(key=lambda item: item["path"])
         for item in skipped:
-            _warn(f"skipped {item['reason']}")
+            warn(f"skipped {item['reason']}")
         for warning in warnings:
-            _warn(warning)
+            warn(warning)
         if not rows:
             reasons = "; ".join(item["reason"] for item in skipped[:3])
             raise CharsegError(f"no frame could be extracted from the {len(jobs)} video(s) in {videos_root} "

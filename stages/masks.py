@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.lib.errors import CharsegError, require, run_cli
+from stages.lib.errors import CharsegError, require, run_cli, warn
 from stages.lib.io import (atomic_dir, imread, imwrite_atomic, read_manifest, slugify,
                           write_csv, write_json)
 from stages.lib.labelers import (FrameLabel, LabelCache, MaskMismatch, RefineConfig, YoloSamLabeler,
@@ -367,8 +367,8 @@ def make_masks(frames_dir: Path, out_dir: Path, plots_dir: Path, metrics_path: P
             "truth_problems": saver.truth_problems})
 
     if saver.truth_problems:
-        print(f"warning: {len(saver.truth_problems)} frame(s) left out of the truth Dice "
-              f"(e.g. {saver.truth_problems[0]}); all are listed in {out_dir / 'report.json'}", file=sys.stderr)
+        warn(f"{len(saver.truth_problems)} frame(s) left out of the truth Dice "
+             f"(e.g. {saver.truth_problems[0]}); all are listed in {out_dir / 'report.json'}")
     write_qa_plots(plots_dir, manifest, frames_images, out_dir / "images", cfg.qa_samples, cfg.method == "yolo_sam")
     metrics = summarize(manifest, saver)
     write_json(metrics_path, metrics)
@@ -380,9 +380,8 @@ def warn_if_untracked(folder: Path | None, key: str) -> None:
         return
     tracked, resolved = TRACKED_INPUTS.resolve(), folder.resolve()
     if resolved != tracked and tracked not in resolved.parents:
-        print(f"warning: labels.{key} {folder} is outside {TRACKED_INPUTS}, which is what dvc.yaml tracks: DVC will "
-              f"not notice changes there (re-run with dvc repro -f masks, or move the folder under {TRACKED_INPUTS})",
-              file=sys.stderr)
+        warn(f"labels.{key} {folder} is outside {TRACKED_INPUTS}, which is what dvc.yaml tracks: DVC will "
+             f"not notice changes there (re-run with dvc repro -f masks, or move the folder under {TRACKED_INPUTS})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.errors import require, run_cli
+from stages.lib.errors import require, run_cli, warn
 from stages.lib.io import read_manifest, write_json
 from stages.lib.params import load_params, number, section
 
@@ -40,10 +39,6 @@ REQUIRED_COLUMNS = ("id", "character", "video", "timestamp")
 KNOWN_STATUSES = ("labelled", "empty", "failed")
 EXACT_MAX_VIDEOS = 16  # 2**16 assignments per character is still instant
 GREEDY_RESTARTS = 32
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def character_rng(seed: int, character: str) -> np.random.Generator:

@@ -75,18 +75,24 @@ def read_pair(frames_dir: str | Path, masks_dir: str | Path, frame_id: str) -> t
     return image, mask > 127
 
 
+def _interpolation(shape: tuple[int, ...], img_size: int) -> int:
+    return cv2.INTER_AREA if img_size < max(shape[:2]) else cv2.INTER_LINEAR  # area when shrinking: no aliasing
+
+
+def resize_image(image: np.ndarray, img_size: int) -> np.ndarray:
+    """The img_size x img_size copy of a frame that the models see, in training and at inference alike."""
+    return cv2.resize(image, (img_size, img_size), interpolation=_interpolation(image.shape, img_size))
+
+
 def resize_pair(image: np.ndarray, mask: np.ndarray, img_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Square img_size x img_size copies: uint8 RGB and a uint8 0/1 mask.
 
-    Area interpolation when shrinking (no aliasing); the mask is resampled as coverage and
-    thresholded at one half, so thin limbs keep their true width instead of nearest-neighbour jaggies.
+    The mask is resampled as coverage and thresholded at one half, so thin limbs keep their true width
+    instead of nearest-neighbour jaggies.
     """
     size = (img_size, img_size)
-    shrinking = img_size < max(image.shape[:2])
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    small_image = cv2.resize(image, size, interpolation=interpolation)
-    small_mask = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=interpolation) >= 128
-    return small_image, small_mask.astype(np.uint8)
+    small_mask = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=_interpolation(image.shape, img_size)) >= 128
+    return resize_image(image, img_size), small_mask.astype(np.uint8)
 
 
 def _pair_key(image_bytes: bytes, mask_bytes: bytes, img_size: int) -> str:

@@ -4,9 +4,16 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from tqdm import tqdm
+
 
 class CharsegError(Exception):
     """A problem with the user's input or setup. The message says what is wrong and what to do."""
+
+
+def warn(message: str) -> None:
+    """A problem the stage worked around: one stderr line, printed above any progress bar, not through it."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def require(condition: object, message: str) -> None:
