@@ -29,15 +29,15 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from tqdm import tqdm
 
-from .lib import metrics, models
-from .lib.data import normalize, read_pair, read_split, resize_image
+from .lib import metrics
+from .lib.data import read_pair, read_split
 from .lib.device import select_device
 from .lib.errors import CharsegError, require, run_cli
+from .lib.inference import TorchSegmenter, predict_proba
 from .lib.io import atomic_dir, imread, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
 from .lib.params import load_params, number, section
 
@@ -128,19 +128,6 @@ class Scores:
                 "dice_per_character": {c: metrics.dice(n) for c, n in sorted(self.per_character.items())}}
 
 
-@torch.no_grad()
-def predict_proba(model: torch.nn.Module, meta: dict[str, Any], image: np.ndarray,
-                  device: torch.device) -> np.ndarray:
-    """Foreground probability (H, W) of an RGB frame, at the frame's own size.
-
-    The frame is resized exactly as in training (data.resize_image)."""
-    small = resize_image(image, meta["img_size"])
-    batch = torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)))[None].to(device)
-    logits = model(normalize(batch, meta["mean"], meta["std"]))
-    probs = F.interpolate(torch.sigmoid(logits), size=image.shape[:2], mode="bilinear", align_corners=False)
-    return probs[0, 0].float().cpu().numpy()
-
-
 def grid_ids(frames: list[Frame], n: int) -> list[str]:
     """n frames spread over the characters (one each in turn) and, within one, evenly over its frames."""
     by_character: dict[str, list[str]] = defaultdict(list)
@@ -183,8 +170,8 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
     for name, model_cfg in model_cfgs.items():  # all checkpoints first: a missing one fails before hours of work
         require(isinstance(model_cfg, dict) and "arch" in model_cfg,
                 f"params.yaml: models.{name} must be a mapping with an 'arch' key")
-        loaded[name] = models.load_checkpoint(checkpoints_dir / name / "best.pt", expect_arch=model_cfg["arch"],
-                                              map_location=torch_device)
+        loaded[name] = TorchSegmenter.from_checkpoint(checkpoints_dir / name / "best.pt",
+                                                      expect_arch=model_cfg["arch"], device=torch_device)
     scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded}
     truth_scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded} if truth else {}
     latency_ms: dict[str, list[float]] = {name: [] for name in loaded}
@@ -196,28 +183,28 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
         exact = imread(truth[frame.id], cv2.IMREAD_GRAYSCALE) > 127 if truth else None
         row = {"frame": frame, "image": thumbnail(image), "target": thumbnail(target.astype(np.uint8)) > 0,
                "preds": {}}
-        for name, (model, meta) in loaded.items():
+        for name, segmenter in loaded.items():
             start = time.perf_counter()
-            probs = predict_proba(model, meta, image, torch_device)
-            pred = probs > meta["threshold"]
+            probs = predict_proba(segmenter, image)
+            pred = probs > segmenter.meta["threshold"]
             latency_ms[name].append((time.perf_counter() - start) * 1000)  # .cpu() waited for the GPU
             scores[name].add(pred, target, frame.character)
             if exact is not None:
                 if exact.shape != pred.shape:  # frames.max_side shrank the frames; score at truth size
                     probs = cv2.resize(probs, exact.shape[::-1], interpolation=cv2.INTER_LINEAR)
-                truth_scores[name].add(probs > meta["threshold"], exact, frame.character)
+                truth_scores[name].add(probs > segmenter.meta["threshold"], exact, frame.character)
             if frame.id in shown:
                 row["preds"][name] = thumbnail(pred.astype(np.uint8)) > 0
         if frame.id in shown:
             grid.append(row)
 
     results = {}
-    for name, (model, meta) in loaded.items():
+    for name, segmenter in loaded.items():
         timings = latency_ms[name][cfg.latency_warmup:] or latency_ms[name]  # fewer frames than warm-up: all
         results[name] = {**scores[name].summary(),
-                         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                         "parameters_m": sum(p.numel() for p in segmenter.model.parameters()) / 1e6,
                          "latency_ms": float(np.median(timings)), "latency_ms_p90": float(np.percentile(timings, 90)),
-                         "frames": len(frames), "best_epoch": meta["epoch"]}
+                         "frames": len(frames), "best_epoch": segmenter.meta["epoch"]}
         if truth_scores:
             results[name]["truth"] = truth_scores[name].summary()
     ranked = sorted(results, key=lambda n: (-results[n]["dice"], n))
@@ -225,7 +212,7 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
     with atomic_dir(metrics_dir) as tmp:
         for name in ranked:
             write_json(tmp / f"{name}.json", results[name])
-    write_comparison(reports_dir, ranked, results, {n: meta for n, (_, meta) in loaded.items()}, cfg,
+    write_comparison(reports_dir, ranked, results, {n: s.meta for n, s in loaded.items()}, cfg,
                      torch_device, len(frames))
     with atomic_dir(plots_dir) as tmp:
         plot_bars(tmp, ranked, results, bool(truth_scores))

@@ -31,12 +31,12 @@ def _umask() -> int:
     return current
 
 
-def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
+def _tmp_sibling(path: Path, is_dir: bool = False, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     # mkstemp/mkdtemp create 0600/0700; outputs shared on a team's GPU box need the usual umask modes.
@@ -145,6 +145,24 @@ def imread(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     if image is None:
         raise CharsegError(f"{path} is not a readable image (empty or corrupt): re-run the stage that wrote it")
     return image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling file for a writer that opens files by name itself (cv2.VideoWriter);
+    it replaces `path` only if the block finishes without error, and is deleted otherwise.
+
+    The temporary name keeps the real suffix (`.out.mp4.x1y2.tmp.mp4`): such writers pick the container
+    from it.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path, suffix=f".tmp{path.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,211 @@
+"""ONNX export of a charseg model and an ONNX Runtime segmenter that predict can use instead of torch.
+
+The exported file is self-describing: the checkpoint metadata (arch, encoder, img_size, mean, std,
+threshold, ...) travels in its metadata_props under "charseg", so an .onnx file alone rebuilds the
+preprocessing. Graph: input "image" (B, 3, S, S) float32, normalised; output "logits" (B, 1, S, S);
+B is dynamic, S is the checkpoint's img_size.
+
+torch is imported only by `export_onnx`: OnnxSegmenter needs nothing but numpy and onnxruntime, so a
+deployment box can run the exported model without a torch install.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import CharsegError
+from .io import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from torch import nn
+
+METADATA_KEY = "charseg"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+# The exporter's native opset in torch 2.14; pinned so that a torch upgrade does not silently change
+# which runtimes can load the files; --opset 18 for runtimes that stop there.
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the dynamo exporter's oldest; below it, torch writes 18 anyway after a failed conversion
+# Gate on probabilities, not logits: the two runtimes' float32 kernels differ by up to ~6e-4 on logits
+# (unetpp at 512 px), a gap that grows with depth and size yet is harmless, while a probability off by
+# < 1e-3 can only flip pixels whose probability is within 1e-3 of the threshold.
+DEFAULT_TOLERANCE = 1e-3
+# torch.export specialises a dimension whose example size is 1, so the example batch must be >= 2,
+# and the parity check runs another batch size to prove the batch dimension really is dynamic.
+EXAMPLE_BATCH = 2
+CHECK_BATCH = 3
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    size_bytes: int
+    opset: int
+    check_batch: int
+    max_abs_logits: float   # onnxruntime vs torch on the same random batch
+    max_abs_probs: float    # the same after the sigmoid; what `tolerance` applies to
+    tolerance: float
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Sigmoid without exp overflow warnings on large negative logits (tanh form, same dtype)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _session(model: str | bytes, providers: Sequence[Any], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's provider-assignment warnings are noise here
+    if threads:
+        options.intra_op_num_threads = threads  # None/0: ORT's default, one thread per physical core
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+
+
+def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, opset: int = DEFAULT_OPSET,
+                tolerance: float = DEFAULT_TOLERANCE, source_checkpoint: str | Path | None = None) -> ExportReport:
+    """Export `model` (put in eval mode) to a single-file ONNX at `path`, written only if onnxruntime's
+    probabilities match torch's within `tolerance` on a random batch; raises CharsegError otherwise.
+
+    `meta` is the checkpoint metadata from models.load_checkpoint; the sha256 of `source_checkpoint`
+    is added to it so an .onnx file can be traced back to the exact checkpoint it came from.
+    """
+    import torch  # see the module docstring
+
+    path = Path(path)
+    size = int(meta["img_size"])
+    name = meta.get("model_name", "model")
+    if opset < MIN_OPSET:
+        raise CharsegError(f"--opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer")
+    stored = {k: v for k, v in meta.items() if k not in ("format", "version")}  # the checkpoint file's markers
+    if source_checkpoint is not None:
+        stored["checkpoint_sha256"] = file_sha256(source_checkpoint)
+
+    model = model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=generator).to(device)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False)  # verbose=None prints a page of per-step progress lines
+    except torch.onnx.OnnxExporterError as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CharsegError(f"ONNX export of {name} (opset {opset}) failed: {first}; "
+                           f"try another --opset, or an encoder the exporter supports") from err
+    proto = program.model_proto
+    written = next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise CharsegError(f"the exporter could not convert {name} to opset {opset} (it wrote {written}): "
+                           f"use --opset {written}")
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(stored, default=str))
+    # One self-contained file: fine below protobuf's 2 GB cap (these models are 10-110 MB); beyond it
+    # the weights would need external data files, which charseg does not ship.
+    if proto.ByteSize() >= 2**31 - 1:
+        raise CharsegError(f"{name} is too large for a single-file ONNX (>= 2 GB): not supported")
+    data = proto.SerializeToString()
+
+    # Checked on the exact bytes that will be written, so the rename below happens only after a pass.
+    batch = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = model(batch.to(device)).float().cpu().numpy().astype(np.float64)
+    try:
+        session = _session(data, [CPU], None)
+    except Exception as err:  # ORT's own exception types, e.g. an opset newer than this onnxruntime
+        raise CharsegError(f"onnxruntime {ort.__version__} cannot load the exported {name} "
+                           f"({str(err).splitlines()[0]}): try a lower --opset") from err
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0].astype(np.float64)
+    if got.shape != expected.shape:
+        raise CharsegError(f"ONNX export of {name}: onnxruntime returned shape {got.shape}, torch {expected.shape}")
+    logits_diff = float(np.abs(got - expected).max())
+    probs_diff = float(np.abs(sigmoid(got) - sigmoid(expected)).max())
+    if not probs_diff <= tolerance:  # written this way so that NaN fails too
+        raise CharsegError(f"ONNX export of {name} failed the parity check on a batch of {CHECK_BATCH}: "
+                           f"max |prob difference| {probs_diff:.3g} > tolerance {tolerance:g} (max |logit "
+                           f"difference| {logits_diff:.3g}); nothing written to {path}: try another --opset, "
+                           f"or a larger --tolerance if that difference is acceptable")
+    write_bytes_atomic(path, data)
+    return ExportReport(path=path, size_bytes=len(data), opset=opset, check_batch=CHECK_BATCH,
+                        max_abs_logits=logits_diff, max_abs_probs=probs_diff, tolerance=tolerance)
+
+
+def providers_for(device: str) -> list[Any] | None:
+    """ONNX Runtime providers for a --device value (auto | cpu | cuda | cuda:N); None means auto."""
+    if device == "auto":
+        return None
+    if device == "cpu":
+        return [CPU]
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        return [(CUDA, {"device_id": int(index or 0)}), CPU]
+    raise CharsegError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:<index>")
+
+
+class OnnxSegmenter:
+    """The Segmenter protocol (stages/lib/inference.py) on ONNX Runtime: a normalised (B, 3, S, S)
+    float32 batch in, foreground probabilities (B, S, S) float32 out."""
+
+    def __init__(self, path: str | Path, providers: Sequence[Any] | None = None, *, threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise CharsegError(f"ONNX model {path} not found: write it with "
+                               f"`python -m stages.export --model {path.stem}`")
+        available = ort.get_available_providers()
+        auto = providers is None
+        if auto:  # the GPU when this onnxruntime build has CUDA, else the CPU
+            providers = [CUDA, CPU] if CUDA in available else [CPU]
+        wanted = [p if isinstance(p, str) else p[0] for p in providers]  # a provider may be (name, options)
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise CharsegError(f"onnxruntime here offers {', '.join(available)}, not {', '.join(missing)}: "
+                               f"install onnxruntime-gpu for CUDA, or use --device cpu")
+        try:
+            self.session = _session(str(path), providers, threads)
+        except Exception as err:  # ORT raises its own exception types for a file that is not ONNX
+            raise CharsegError(f"{path} is not a readable ONNX model ({type(err).__name__}): "
+                               f"re-export it with `python -m stages.export --model {path.stem} --overwrite`") from err
+        # ORT falls back to the CPU silently when the CUDA libraries fail to load; asked-for CUDA must not.
+        if not auto and CUDA in wanted and CUDA not in self.session.get_providers():
+            raise CharsegError(f"onnxruntime could not start CUDA for {path} (CUDA/cuDNN libraries not found?): "
+                               f"fix the CUDA install or use --device cpu")
+        self.providers: list[str] = self.session.get_providers()
+        self.meta = self._read_meta(path)
+        self.img_size = int(self.meta["img_size"])
+
+    def _read_meta(self, path: Path) -> dict[str, Any]:
+        text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if text is None:
+            raise CharsegError(f"{path} has no charseg metadata (it was not written by `python -m stages.export`): "
+                               f"export the model with `python -m stages.export --model {path.stem}`")
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError:
+            meta = None
+        missing = [k for k in ("img_size", "mean", "std", "threshold") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise CharsegError(f"{path}: its charseg metadata is damaged (missing {', '.join(missing)}): "
+                               f"re-export it with `python -m stages.export --model {path.stem} --overwrite`")
+        return meta
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        expected = (3, self.img_size, self.img_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"expected a (B, {', '.join(map(str, expected))}) batch, got {batch.shape}")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return sigmoid(logits[:, 0])

@@ -1,0 +1,394 @@
+"""Segment new footage with a trained model: `python -m stages.predict --model NAME --input PATH --output PATH`.
+
+- An image or a folder of images: --output is a folder with `<stem>.mask.png` (0/255, the image's size) and
+  `<stem>.overlay.jpg` (mask tinted and outlined) per image; full file names (`a.jpg.mask.png`) when stems collide.
+- A video (anything OpenCV decodes): --output is the overlay video (.mp4/.mov/.m4v: mp4v, .avi/.mkv: MJPG)
+  at the source's fps, size and frame count; --save-masks adds `<output stem>.masks/<frame:06d>.png`. --every N
+  runs the model on every Nth frame, the frames between reuse its mask; --smooth ALPHA averages
+  probabilities over consecutive inferred frames (exponential moving average) before thresholding.
+
+Decoding, inference and encoding overlap: a reader thread decodes and preprocesses, the main thread runs
+the model on batches, a writer thread draws overlays and encodes, with bounded queues between them, so the
+slowest of the three sets the pace (benchmarks/bench_predict.py). Outputs are built in temporary siblings
+and renamed when complete: a failed or interrupted run never leaves a file that looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .lib.device import select_device
+from .lib.errors import CharsegError, require, run_cli, warn
+from .lib.inference import Segmenter, Smoother, TorchSegmenter, infer_masks, preprocess
+from .lib.io import atomic_dir, atomic_path, imread, imwrite_atomic
+from .lib.params import load_params, section
+from .lib.video import VideoInfo, is_video_file, looks_truncated, probe
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}  # all in OpenCV's wheels
+MASK_SUFFIX, OVERLAY_SUFFIX, MASKS_DIR_SUFFIX = ".mask.png", ".overlay.jpg", ".masks"
+TINT = (255, 0, 255)  # BGR magenta: rare in skin, hair and clothes, so the mask stays visible on people
+TINT_ALPHA = 0.45
+JPEG_QUALITY = 92
+_END = object()   # end of stream, in the queues between threads
+_POLL_S = 0.1     # how often a blocked thread checks whether another one failed
+
+
+@functools.lru_cache(maxsize=4)
+def _solid_tint(shape: tuple[int, ...]) -> np.ndarray:
+    # Cached: filling a 720p 3-channel image with one colour costs numpy ~12 ms, more than encoding the frame.
+    tint = np.full(shape, TINT, np.uint8)
+    tint.flags.writeable = False
+    return tint
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The BGR frame with the mask's pixels tinted and its outline drawn."""
+    tinted = cv2.addWeighted(frame, 1 - TINT_ALPHA, _solid_tint(frame.shape), TINT_ALPHA, 0)
+    out = cv2.copyTo(tinted, mask, frame.copy())
+    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    # LINE_8, not LINE_AA: anti-aliasing a 720p outline costs ~2 ms a frame in the writer thread, often the slowest
+    return cv2.drawContours(out, contours, -1, TINT, max(1, round(max(frame.shape[:2]) / 640)), cv2.LINE_8)
+
+
+def output_stems(images: list[Path]) -> dict[Path, str]:
+    """Output name of each image: its stem, or its full file name for all when two stems would collide."""
+    stems = [p.stem.lower() for p in images]  # lower: macOS and Windows filesystems ignore case
+    return {p: p.stem if len(set(stems)) == len(stems) else p.name for p in images}
+
+
+def predict_images(segmenter: Segmenter, images: list[Path], out_dir: Path, *, threshold: float,
+                   batch_size: int = 8, progress: bool = True) -> None:
+    """Mask and overlay of every image, into out_dir (built aside, swapped in when all are written)."""
+    stems = output_stems(images)
+    with atomic_dir(out_dir) as tmp, tqdm(total=len(images), desc="predict", unit="image",
+                                          disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            paths = images[start:start + batch_size]
+            frames = [_read_image(p) for p in paths]
+            batch = preprocess([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames], segmenter.meta)
+            masks = infer_masks(segmenter, batch, [f.shape[:2] for f in frames], threshold)
+            for path, frame, mask in zip(paths, frames, masks):
+                imwrite_atomic(tmp / f"{stems[path]}{MASK_SUFFIX}", mask)
+                imwrite_atomic(tmp / f"{stems[path]}{OVERLAY_SUFFIX}", overlay(frame, mask),
+                               [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            bar.update(len(paths))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        return imread(path, cv2.IMREAD_COLOR)
+    except CharsegError:
+        raise CharsegError(f"{path} is not a readable image (empty or corrupt): replace it, or move it out "
+                           f"of the input") from None
+
+
+class _Pipeline:
+    """Stop flag and first error shared by the reader, main and writer threads: when one fails, the
+    others stop waiting on their queues within _POLL_S and the error is raised in the main thread."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def fail(self, err: BaseException) -> None:
+        if self.error is None and not isinstance(err, _Stopped):  # the first real error is the one raised
+            self.error = err
+        self.stop.set()
+
+    def put(self, q: queue.Queue, item: Any) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Full):
+                return q.put(item, timeout=_POLL_S)
+        self.raise_error()
+
+    def get(self, q: queue.Queue) -> Any:
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return q.get(timeout=_POLL_S)
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        raise self.error or _Stopped()
+
+
+class _Stopped(Exception):
+    """A helper thread's way out when the main thread stopped the pipeline."""
+
+
+@dataclass
+class _Frame:
+    index: int
+    image: np.ndarray          # BGR, as decoded
+    batch: np.ndarray | None   # (1, 3, S, S) model input; None for frames that reuse the last mask (--every)
+
+
+def _read(pipe: _Pipeline, info: VideoInfo, every: int, meta: dict[str, Any], decoded: queue.Queue) -> None:
+    try:
+        capture = cv2.VideoCapture(str(info.path), cv2.CAP_FFMPEG)
+        index = 0
+        try:
+            while capture.grab():
+                ok, image = capture.retrieve()
+                require(ok, f"{info.path}: frame {index} could not be decoded: the file is damaged; re-encode it "
+                            f"(e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)")
+                batch = preprocess([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)], meta) if index % every == 0 else None
+                pipe.put(decoded, _Frame(index, image, batch))
+                index += 1
+        finally:
+            capture.release()
+        require(index, f"{info.path}: the video has no frame that can be decoded (no video stream, or damaged "
+                       f"from the start): re-encode it or choose another file")
+        if looks_truncated(info, index):
+            warn(f"{info.path}: decoding stopped at frame {index} of {info.reported_frames} (damaged or truncated "
+                 f"file): the output covers the frames before")
+        pipe.put(decoded, _END)
+    except BaseException as err:  # noqa: BLE001  (handed to the main thread, which raises it)
+        pipe.fail(err)
+
+
+def _write(pipe: _Pipeline, encoded: queue.Queue, path: Path, fourcc: str, fps: float, masks_dir: Path | None,
+           bar: tqdm) -> None:
+    writer, size = None, None
+    try:
+        while (item := pipe.get(encoded)) is not _END:
+            index, image, mask = item
+            # Sized by the decoded frames, not the container: with rotation metadata the two can differ
+            # (whether OpenCV auto-rotates depends on its version).
+            if writer is None:
+                size = (image.shape[1], image.shape[0])
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+                require(writer.isOpened(), f"OpenCV cannot write {fourcc} video to {path}: try a .avi or .mp4 output")
+            frame = overlay(image, mask)
+            if (frame.shape[1], frame.shape[0]) != size:  # VideoWriter silently drops frames of another size
+                frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+            writer.write(frame)
+            if masks_dir is not None:
+                imwrite_atomic(masks_dir / f"{index:06d}.png", mask)
+            bar.update()
+    except BaseException as err:  # noqa: BLE001
+        pipe.fail(err)
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    frames: int    # frames written (= frames decoded)
+    inferred: int  # frames the model ran on
+
+
+def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, threshold: float, batch_size: int = 8,
+                  every: int = 1, smooth: float | None = None, masks_dir: Path | None = None,
+                  progress: bool = True) -> VideoResult:
+    """Overlay video of `info.path` at its fps and size, frame for frame (and per-frame masks in masks_dir)."""
+    fourcc = CODECS[output.suffix.lower()]
+    smoother, pipe = Smoother(smooth), _Pipeline()
+    decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    encoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    # Frames wait in `pending` until the batch holding the mask they need has run; with --every the
+    # frames between inferred ones wait too, so the batch also runs when this many frames are waiting.
+    max_pending = max(4 * batch_size, 32)
+    with atomic_path(output) as tmp_video, \
+            (atomic_dir(masks_dir) if masks_dir else contextlib.nullcontext()) as tmp_masks:
+        bar = tqdm(total=info.reported_frames or None, desc="predict", unit="frame", disable=not progress)
+        threads = [threading.Thread(target=_read, args=(pipe, info, every, segmenter.meta, decoded), daemon=True),
+                   threading.Thread(target=_write, args=(pipe, encoded, tmp_video, fourcc, info.fps, tmp_masks, bar),
+                                    daemon=True)]
+        frames = inferred = 0
+        try:
+            for thread in threads:
+                thread.start()
+            pending: list[_Frame] = []
+            last_mask: np.ndarray | None = None
+
+            def run_pending() -> None:
+                nonlocal last_mask, frames, inferred
+                seen = [f for f in pending if f.batch is not None]
+                masks = iter(infer_masks(segmenter, np.concatenate([f.batch for f in seen]),
+                                         [f.image.shape[:2] for f in seen], threshold, smoother) if seen else [])
+                for frame in pending:
+                    last_mask = next(masks) if frame.batch is not None else last_mask
+                    pipe.put(encoded, (frame.index, frame.image, last_mask))
+                frames, inferred = frames + len(pending), inferred + len(seen)
+                pending.clear()
+
+            while (frame := pipe.get(decoded)) is not _END:
+                pending.append(frame)
+                waiting_for_model = sum(f.batch is not None for f in pending)  # 0: every mask is known already
+                if waiting_for_model in (0, batch_size) or len(pending) >= max_pending:
+                    run_pending()
+            run_pending()
+            pipe.put(encoded, _END)
+            threads[1].join()
+            if pipe.error:
+                raise pipe.error
+        finally:
+            pipe.stop.set()  # no-op after success; otherwise the helper threads leave their loops
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join()
+            bar.close()
+    return VideoResult(frames, inferred)
+
+
+def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str | None, device: str,
+                   amp: bool) -> Segmenter:
+    """The model to run: models/<name>/best.pt, --checkpoint, or with --onnx an ONNX export."""
+    if onnx is None:
+        if checkpoint is not None:
+            require(checkpoint.is_file(), f"--checkpoint {checkpoint}: no such file")
+        return TorchSegmenter.from_checkpoint(checkpoint or Path("models") / name / "best.pt",
+                                              expect_arch=arch, device=select_device(device), amp=amp)
+    require(checkpoint is None, "--checkpoint and --onnx both name a model: give only one")
+    path = Path(onnx) if onnx else Path("exports") / f"{name}.onnx"
+    require(path.is_file(), f"ONNX model {path} not found: write it with `python -m stages.export --model {name}`")
+    try:  # imported here: onnxruntime is only needed for --onnx
+        from .lib.onnx_model import OnnxSegmenter, providers_for
+    except ImportError as err:
+        raise CharsegError(f"--onnx is not available ({err}): install requirements.txt") from err
+    segmenter = OnnxSegmenter(path, providers=providers_for(device))
+    require(segmenter.meta.get("arch") == arch,
+            f"{path} holds a '{segmenter.meta.get('arch')}' model but params.yaml says arch '{arch}': "
+            f"re-export it with `python -m stages.export --model {name}`")
+    return segmenter
+
+
+def find_inputs(path: Path) -> tuple[str, list[Path]]:
+    """("images", image files) or ("video", [file]); a folder's non-image files are skipped with a warning."""
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))  # .DS_Store and the like
+        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        require(images, f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}): point --input at a folder of "
+                        f"images, one image, or a video")
+        skipped = [p.name for p in entries if p not in images]
+        if skipped:
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            warn(f"{path}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
+                 f"{', '.join(skipped[:10])}{more}")
+        return "images", images
+    require(path.is_file(), f"--input {path}: no such file or folder")
+    return ("images" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"), [path]
+
+
+def probe_input(path: Path) -> VideoInfo:
+    try:
+        return probe(path)
+    except CharsegError:
+        if is_video_file(path):
+            raise
+        raise CharsegError(f"--input {path} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a video "
+                           f"OpenCV can read: convert it, or choose another file") from None
+
+
+def _ours(name: str) -> bool:
+    return name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)) or re.fullmatch(r"\d+\.png", name) is not None
+
+
+def check_output(path: Path, *, is_dir: bool, overwrite: bool, source: Path) -> None:
+    """Refuse to replace an existing output without --overwrite, the input itself, or a folder that holds
+    anything predict did not write (so `--output ~ --overwrite` cannot delete a home folder)."""
+    resolved = path.resolve()
+    require(resolved != source.resolve() and resolved not in source.resolve().parents,
+            f"--output {path} would replace the input {source}: choose another --output")
+    if not path.exists():
+        return
+    require(overwrite, f"{path} already exists: pass --overwrite to replace it, or choose another --output")
+    require(path.is_dir() == is_dir, f"{path} exists and is not a {'folder' if is_dir else 'file'}: choose another "
+                                     f"--output")
+    foreign = [p.name for p in path.iterdir() if not _ours(p.name)] if is_dir else []
+    if foreign:
+        raise CharsegError(f"refusing to replace {path}: it holds files predict did not write (e.g. "
+                           f"{foreign[0]!r}): choose another --output")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model name of params.yaml `models:`")
+    parser.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
+    parser.add_argument("--output", required=True, type=Path,
+                        help=f"images: a folder for masks and overlays; video: the overlay video ({', '.join(CODECS)})")
+    parser.add_argument("--checkpoint", type=Path, help="default: models/<NAME>/best.pt (train@NAME's output)")
+    parser.add_argument("--onnx", nargs="?", const="", metavar="PATH",
+                        help="run an ONNX export instead (default exports/<NAME>.onnx, from python -m stages.export)")
+    parser.add_argument("--threshold", type=float,
+                        help="foreground where probability > this (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed precision on a CUDA GPU, as in training (ignored on CPU and with --onnx)")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per model call")
+    parser.add_argument("--every", type=int, default=1, metavar="N",
+                        help="video: run the model on every Nth frame; frames in between reuse the last mask")
+    parser.add_argument("--smooth", type=float, metavar="ALPHA",
+                        help="video: average probabilities over consecutive inferred frames (weight ALPHA in (0, 1] "
+                             "for the newest) to cut mask flicker; lower is smoother but lags motion. Default off")
+    parser.add_argument("--save-masks", action="store_true", help="video: also write <output stem>.masks/<frame>.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    require(args.every >= 1, f"--every must be at least 1, got {args.every}")
+    require(args.threshold is None or 0 <= args.threshold <= 1,
+            f"--threshold must be in [0, 1], got {args.threshold}")
+    require(args.smooth is None or 0 < args.smooth <= 1, f"--smooth must be in (0, 1], got {args.smooth}")
+    model_cfgs = section(load_params(args.params), "models")
+    cfg = model_cfgs.get(args.model)
+    require(cfg is not None, f"unknown model {args.model!r}: {args.params} `models:` has {', '.join(model_cfgs)}")
+    require(isinstance(cfg, dict) and "arch" in cfg,
+            f"{args.params}: models.{args.model} must be a mapping with an 'arch' key")
+    kind, inputs = find_inputs(args.input)
+    masks_dir = None
+    if kind == "video":
+        masks_dir = args.output.with_name(args.output.stem + MASKS_DIR_SUFFIX) if args.save_masks else None
+        suffix = args.output.suffix.lower()
+        require(suffix in CODECS, f"--output {args.output}: a video needs one of the suffixes "
+                                  f"{', '.join(f'{s} ({c})' for s, c in CODECS.items())}")
+        info = probe_input(inputs[0])
+        check_output(args.output, is_dir=False, overwrite=args.overwrite, source=args.input)
+        if masks_dir:
+            check_output(masks_dir, is_dir=True, overwrite=args.overwrite, source=args.input)
+    else:
+        require(args.output.suffix.lower() not in IMAGE_EXTENSIONS + tuple(CODECS),
+                f"--output {args.output}: for images it is a folder (masks and overlays go inside)")
+        check_output(args.output, is_dir=True, overwrite=args.overwrite, source=args.input)
+        for option, given in (("every", args.every != 1), ("smooth", args.smooth is not None),
+                              ("save-masks", args.save_masks)):
+            if given:
+                warn(f"--{option} applies to video only: ignored for images")
+
+    segmenter = load_segmenter(args.model, cfg["arch"], checkpoint=args.checkpoint, onnx=args.onnx,
+                               device=args.device, amp=args.amp)
+    threshold = segmenter.meta["threshold"] if args.threshold is None else args.threshold
+    runtime = f"{args.model}, " + (f"torch on {segmenter.device}" if isinstance(segmenter, TorchSegmenter)
+                                   else f"onnxruntime on {segmenter.providers[0]}")
+    start = time.perf_counter()
+    if kind == "images":
+        predict_images(segmenter, inputs, args.output, threshold=threshold, batch_size=args.batch_size)
+        rate = len(inputs) / (time.perf_counter() - start)
+        print(f"predict: {len(inputs)} image(s) -> {args.output}/ (<name>{MASK_SUFFIX} + <name>{OVERLAY_SUFFIX}), "
+              f"{rate:.1f} images/s ({runtime})")
+        return
+    result = predict_video(segmenter, info, args.output, threshold=threshold, batch_size=args.batch_size,
+                           every=args.every, smooth=args.smooth, masks_dir=masks_dir)
+    rate = result.frames / (time.perf_counter() - start)
+    masks = f" + masks in {masks_dir}/" if masks_dir else ""
+    print(f"predict: {result.frames} frames of {args.input} -> {args.output}{masks}; model ran on {result.inferred}; "
+          f"{rate:.1f} frames/s ({runtime})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
