@@ -14,14 +14,12 @@ import re
 import pytest
 import yaml
 
-from pipeline_utils import copy_repo, dvc, stages_run
+from pipeline_utils import TINY_TRAINING, copy_repo, dvc, stages_run
 from stages.lib.params import load_params
 from stages.sample import demo_overrides, generate
 
 pytestmark = pytest.mark.slow
 
-# One epoch, 32 px (every architecture's stride divides it: see models.check_img_size), batches of 4.
-TINY_TRAINING = ["-S", "epochs=1", "-S", "img_size=32", "-S", "batch_size=4", "-S", "train.workers=0"]
 DATA_STAGES = {"frames", "eda", "masks", "split"}
 
 
