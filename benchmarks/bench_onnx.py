@@ -6,13 +6,14 @@ folder, then both runtimes map the same normalised batch to probabilities (forwa
 resizing, decoding or preprocessing). Images/s = batch size / median call time after warm-up. Both
 runtimes get the same number of intra-op threads.
 
-    python -m benchmarks.bench_onnx                                  # 256 and 512 px, batches 1 and 8
-    python -m benchmarks.bench_onnx --sizes 64 --batch-sizes 1 2 --iters 2 --models pspnet
+    .venv/bin/python benchmarks/bench_onnx.py                       # 256 and 512 px, batches 1 and 8
+    .venv/bin/python benchmarks/bench_onnx.py --sizes 64 --batch-sizes 1 2 --iters 2 --models pspnet
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from stages.lib import models
-from stages.lib.onnx_model import CPU, OnnxSegmenter, export_onnx
-from stages.lib.params import load_params, section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.lib import models  # noqa: E402
+from stages.lib.onnx_model import CPU, OnnxSegmenter, export_onnx  # noqa: E402
+from stages.lib.params import load_params, section  # noqa: E402
 
 
 def median_seconds(call: Callable[[], object], iters: int, warmup: int) -> float:

@@ -147,6 +147,15 @@ def imread(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return image
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file read in 1 MiB blocks (weights and checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling file for a writer that opens files by name itself (cv2.VideoWriter);

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .device import select_device
 from .errors import CharsegError
-from .io import imread, imwrite_atomic, read_json, write_json
+from .io import file_sha256, imread, imwrite_atomic, read_json, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,14 +81,6 @@ def is_offline() -> bool:
     """The project's offline switches (set by `make test` and CI): no download is even attempted."""
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
                for name in ("YOLO_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def missing_weights_error(path: Path, what: str, source: str, reason: str) -> CharsegError:

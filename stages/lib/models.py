@@ -319,7 +319,8 @@ def load_checkpoint(path: str | Path, *, expect_arch: str | None = None,
                            f"{payload['version']} > {CHECKPOINT_VERSION}): update the code")
     if expect_arch is not None and payload["arch"] != expect_arch:
         raise CharsegError(f"{path} holds a '{payload['arch']}' model but params.yaml says arch "
-                           f"'{expect_arch}': retrain with `dvc repro train@{name}`")
+                           f"'{expect_arch}': use a checkpoint of a '{expect_arch}' model, or retrain this one "
+                           f"with `dvc repro train@{name}` if its arch in params.yaml changed")
     model = build_model(payload["cfg"], pretrained=False, name=payload["model_name"])
     try:
         model.load_state_dict(payload.pop("state_dict"))

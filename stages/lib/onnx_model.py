@@ -10,7 +10,6 @@ deployment box can run the exported model without a torch install.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import CharsegError
-from .io import write_bytes_atomic
+from .io import file_sha256, write_bytes_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,14 +57,6 @@ class ExportReport:
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Sigmoid without exp overflow warnings on large negative logits (tanh form, same dtype)."""
     return 0.5 * (1.0 + np.tanh(0.5 * logits))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _session(model: str | bytes, providers: Sequence[Any], threads: int | None) -> ort.InferenceSession:
