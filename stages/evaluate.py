@@ -38,7 +38,8 @@ from .lib.data import read_pair, read_split
 from .lib.device import select_device
 from .lib.errors import CharsegError, require, run_cli
 from .lib.inference import TorchSegmenter, predict_proba
-from .lib.io import atomic_dir, imread, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
+from .lib.io import atomic_dir, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
+from .lib.labelers import read_binary_mask
 from .lib.params import load_params, number, section
 
 GRID_THUMB_HEIGHT = 180
@@ -170,7 +171,7 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
     for name, model_cfg in model_cfgs.items():  # all checkpoints first: a missing one fails before hours of work
         require(isinstance(model_cfg, dict) and "arch" in model_cfg,
                 f"params.yaml: models.{name} must be a mapping with an 'arch' key")
-        loaded[name] = TorchSegmenter.from_checkpoint(checkpoints_dir / name / "best.pt",
+        loaded[name] = TorchSegmenter.from_checkpoint(checkpoints_dir / name / "best.pt", model_name=name,
                                                       expect_arch=model_cfg["arch"], device=torch_device)
     scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded}
     truth_scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded} if truth else {}
@@ -180,7 +181,7 @@ def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: P
 
     for frame in tqdm(frames, desc="evaluate", unit="frame", disable=not progress):
         image, target = read_pair(frames_dir, masks_dir, frame.id)
-        exact = imread(truth[frame.id], cv2.IMREAD_GRAYSCALE) > 127 if truth else None
+        exact = read_binary_mask(truth[frame.id], None, key="evaluate.truth_dir") > 0 if truth else None
         row = {"frame": frame, "image": thumbnail(image), "target": thumbnail(target.astype(np.uint8)) > 0,
                "preds": {}}
         for name, segmenter in loaded.items():

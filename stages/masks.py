@@ -7,7 +7,9 @@ frame's masks is cleaned by labels.refine. Labels go through a content-addressed
 (labels.cache_dir, keyed by the frame's bytes and the weights and params that change SAM's answer), so
 adding a video, resuming an interrupted run or changing labels.refine sends only unseen frames to SAM.
 labels.method import: the masks in labels.import_dir replace the weak labels; every mask that does not
-fit (missing, wrong size, not binary) is reported by name, and then nothing is written.
+fit (missing, unreadable, wrong size, not binary) is reported by name, and then nothing is written; a
+person painted only in the alpha channel is read from it, and empty masks on frames that are not
+uniform are kept but named in one warning (they would be trained as 'nobody here').
 
 Writes data/masks/images/<id>.png (0/255, frame size; all zero for `empty` frames, none for `failed`
 ones), data/masks/manifest.csv (the frames manifest + status, n_persons, coverage, boxes, box_scores,
@@ -35,7 +37,7 @@ from stages.lib.errors import CharsegError, require, run_cli, warn
 from stages.lib.io import (atomic_dir, imread, imwrite_atomic, read_manifest, slugify,
                           write_csv, write_json)
 from stages.lib.labelers import (FrameLabel, LabelCache, MaskMismatch, RefineConfig, YoloSamLabeler,
-                                 check_model_type, mask_files, read_binary_mask, refine_mask)
+                                 check_model_type, is_uniform, mask_files, read_binary_mask, refine_mask)
 from stages.lib.metrics import Counts, confusion, dice
 from stages.lib.params import load_params, number, section
 
@@ -134,7 +136,7 @@ class MaskSaver:
             try:
                 if path is None:
                     raise MaskMismatch("not listed in the truth index")
-                truth = read_binary_mask(path, None) > 0
+                truth = read_binary_mask(path, None, key="labels.truth_dir") > 0
                 if truth.shape != mask.shape:  # frames.max_side shrank the frames: score at the truth's size
                     mask = cv2.resize(mask, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
                 counts = confusion(mask > 0, truth)
@@ -212,11 +214,14 @@ def label_frames(rows: list[dict[str, str]], images_dir: Path, labeler: YoloSamL
 
 def import_masks(rows: list[dict[str, str]], images_dir: Path, folder: Path, index_name: str,
                  saver: MaskSaver) -> dict[str, dict]:
-    """The user's masks per frame id; every mask that does not fit is reported, then nothing is kept."""
+    """The user's masks per frame id; every mask that does not fit is reported, then nothing is kept.
+    An empty mask on a frame that shows something is kept (nobody may be there) but warned about,
+    once for the run, with the first examples: it is trained as 'nobody here' (labels.keep_empty)."""
     files = mask_files(folder, index_name, rows)
     index = folder / index_name if index_name else None
     results: dict[str, dict] = {}
     problems: list[str] = []
+    suspicious: list[str] = []
     for row in tqdm(rows, desc="import masks", unit="frame"):
         frame_id = row["id"]
         if not (images_dir / f"{frame_id}.jpg").is_file():
@@ -229,8 +234,19 @@ def import_masks(rows: list[dict[str, str]], images_dir: Path, folder: Path, ind
         except MaskMismatch as err:
             problems.append(f"{frame_id}: {err}")
             continue
+        note = ""
+        if not mask.any():
+            frame = cv2.imread(str(images_dir / f"{frame_id}.jpg"), cv2.IMREAD_GRAYSCALE)
+            if frame is not None and not is_uniform(frame):
+                suspicious.append(f"{frame_id} ({files[frame_id]})")
+                note = "empty mask on a non-uniform frame"
         results[frame_id] = {"status": "labelled" if mask.any() else "empty", "n_persons": "", "boxes": "",
-                             "box_scores": "", "sam_scores": "", "note": "", **saver.save(frame_id, mask)}
+                             "box_scores": "", "sam_scores": "", "note": note, **saver.save(frame_id, mask)}
+    if suspicious and not problems:
+        shown = ", ".join(suspicious[:3]) + (f" and {len(suspicious) - 3} more" if len(suspicious) > 3 else "")
+        warn(f"{len(suspicious)} imported mask(s) in {folder} are empty although their frame is not uniform: "
+             f"{shown}. They are kept as 'nobody here' frames (trained on when labels.keep_empty is true); if a "
+             f"person is there, fix those files (the manifest notes them)")
     if problems:
         for problem in problems:
             print(f"mask mismatch: {problem}", file=sys.stderr)
@@ -343,7 +359,7 @@ def make_masks(frames_dir: Path, out_dir: Path, plots_dir: Path, metrics_path: P
         labeler = YoloSamLabeler.from_files(
             detector_weights=cfg.detector_weights, conf=cfg.conf, min_box_area=cfg.min_box_area, imgsz=cfg.imgsz,
             sam_model_type=cfg.sam_model_type, sam_checkpoint=cfg.sam_checkpoint, device=cfg.device, half=cfg.half)
-    truth_files = mask_files(cfg.truth_dir, cfg.mask_index, rows) if cfg.truth_dir else None
+    truth_files = mask_files(cfg.truth_dir, cfg.mask_index, rows, key="labels.truth_dir") if cfg.truth_dir else None
 
     with atomic_dir(out_dir) as tmp:
         saver = MaskSaver(tmp / "images", truth_files)

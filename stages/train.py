@@ -71,7 +71,7 @@ def read_config(params: dict[str, Any]) -> TrainConfig:
     require(isinstance(augment, dict), "params.yaml has no 'train.augment:' section (hflip, scale, shift, color)")
     require(isinstance(train.get("amp"), bool), "params.yaml: 'train.amp' must be true or false")
     return TrainConfig(
-        lr=number(params, "lr", lo=0),
+        lr=number(params, "lr", lo=0, lo_open=True),  # the same ranges as params.SCHEMA
         weight_decay=number(params, "weight_decay", lo=0),
         epochs=number(params, "epochs", lo=1, integer=True),
         # BatchNorm after global pooling (PSPNet, DeepLabV3) cannot train on a batch of one.

@@ -321,3 +321,52 @@ def test_fingerprint_is_stable_and_sensitive():
     assert a == label_fingerprint({"sam_sha256": "x", "conf": 0.5})
     assert a != label_fingerprint({"conf": 0.4, "sam_sha256": "x"})
     assert json.loads(json.dumps({"k": a}))["k"] == a
+
+
+def test_read_binary_mask_takes_the_alpha_channel_when_only_it_varies(tmp_path):
+    person = np.zeros((4, 6), np.uint8)
+    person[1:3, 2:5] = 255
+    for colour in (0, 255, (0, 0, 255)):  # black, white or red everywhere: the person is only opaque
+        rgba = np.zeros((4, 6, 4), np.uint8)
+        rgba[..., :3] = colour
+        rgba[..., 3] = person
+        imwrite_atomic(tmp_path / "alpha.png", rgba)
+        assert np.array_equal(read_binary_mask(tmp_path / "alpha.png", (4, 6)), person), colour
+    grey_and_alpha = np.dstack([np.repeat(person[..., None], 3, axis=2), np.full((4, 6), 255, np.uint8)])
+    imwrite_atomic(tmp_path / "grey.png", grey_and_alpha)  # opaque everywhere, person in the colour channels
+    assert np.array_equal(read_binary_mask(tmp_path / "grey.png", (4, 6)), person)
+    sixteen = (person > 0).astype(np.uint16)  # a 16-bit 0/1 mask
+    imwrite_atomic(tmp_path / "sixteen.png", sixteen)
+    assert np.array_equal(read_binary_mask(tmp_path / "sixteen.png", (4, 6)), person)
+
+
+def test_an_unreadable_mask_is_the_users_file_to_replace(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(MaskMismatch) as err:
+        read_binary_mask(tmp_path / "broken.png", (4, 6))
+    assert str(err.value) == (f"your mask file {tmp_path / 'broken.png'} in labels.import_dir is unreadable (empty "
+                              f"or corrupt, not an image): replace it with a valid 0/255 PNG")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(MaskMismatch, match=r"your mask file .*empty\.png in labels\.truth_dir is unreadable"):
+        read_binary_mask(tmp_path / "empty.png", None, key="labels.truth_dir")
+
+
+def test_mask_folder_that_is_a_file_and_index_rows_that_disagree_are_refused(tmp_path):
+    frames = [{"id": "a--v--00000000", "video": "a/v.mp4", "frame_index": "0"}]
+    (tmp_path / "masks.zip").write_bytes(b"PK")
+    with pytest.raises(CharsegError) as err:
+        mask_files(tmp_path / "masks.zip", "index.csv", frames, key="labels.truth_dir")
+    assert str(err.value) == (f"params.yaml: labels.truth_dir {tmp_path / 'masks.zip'} is a file, not a folder: put "
+                              f"the masks in a folder (<frame id>.png, or listed in index.csv) and point "
+                              f"labels.truth_dir at it")
+    (tmp_path / "index.csv").write_text("video,frame_index,mask\na/v.mp4,0,a.png\na/v.mp4,0,a.png\nb/w.mp4,3,c.png\n")
+    assert mask_files(tmp_path, "index.csv", frames) == {"a--v--00000000": tmp_path / "a.png"}  # a repeated row
+    (tmp_path / "index.csv").write_text("video,frame_index,mask\na/v.mp4,0,a.png\nb/w.mp4,3,c.png\na/v.mp4,0,b.png\n")
+    with pytest.raises(CharsegError) as err:
+        mask_files(tmp_path, "index.csv", frames)
+    assert str(err.value) == (f"{tmp_path / 'index.csv'} lists a/v.mp4 frame_index 0 twice with different masks "
+                              f"(a.png and b.png, line 4): keep one row per frame")
+    (tmp_path / "index.csv").write_text("id,mask\na--v--00000000,a.png\na--v--00000000,b.png\n")
+    with pytest.raises(CharsegError, match=r"lists a--v--00000000 twice with different masks \(a.png and b.png, "
+                                           r"line 3\): keep one row per frame"):
+        mask_files(tmp_path, "index.csv", frames)

@@ -401,3 +401,61 @@ def test_repo_params_parse_and_the_stage_is_wired_into_dvc_yaml():
     assert (REPO_ROOT / "weights/README.md").is_file()
     with pytest.raises(CharsegError, match="labels.method"):
         stage.labels_config({"labels": {**params["labels"], "method": "sam_only"}})
+
+
+def test_import_reads_a_person_painted_only_in_the_alpha_channel(tmp_path):
+    make_frames(tmp_path / "frames")
+    folder = tmp_path / "raw/masks"
+    for frame_id, (_, _, _, size, persons) in FRAMES.items():
+        rgba = np.zeros((*size, 4), np.uint8)  # black everywhere; the person is only opaque
+        rgba[..., 3] = rect_mask(size, persons)
+        imwrite_atomic(folder / f"{frame_id}.png", rgba)
+    metrics, rows, out = run(tmp_path, config(tmp_path, method="import", import_dir=folder))
+    for frame_id, (_, _, _, size, persons) in FRAMES.items():
+        assert np.array_equal(read_mask(out, frame_id), rect_mask(size, persons))
+    assert metrics["labelled"] == 3 and metrics["empty"] == 1
+
+
+def test_empty_imported_masks_on_frames_that_show_something_are_warned_about_once(tmp_path, capsys):
+    make_frames(tmp_path / "frames")
+    folder = tmp_path / "raw/masks"
+    for frame_id, (_, _, _, size, _) in FRAMES.items():  # every mask empty: three frames do show persons
+        imwrite_atomic(folder / f"{frame_id}.png", np.zeros(size, np.uint8))
+    metrics, rows, _ = run(tmp_path, config(tmp_path, method="import", import_dir=folder))
+    assert metrics["empty"] == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    shown = [f"{i} ({folder / (i + '.png')})" for i in ("bob--scene_2--00001000", "alice--clip_01--00001000",
+                                                        "alice--clip_01--00000000")]  # manifest order
+    assert warnings == [
+        f"warning: 3 imported mask(s) in {folder} are empty although their frame is not uniform: {', '.join(shown)}. "
+        f"They are kept as 'nobody here' frames (trained on when labels.keep_empty is true); if a person is "
+        f"there, fix those files (the manifest notes them)"]
+    assert rows["alice--clip_01--00000000"]["note"] == "empty mask on a non-uniform frame"
+    assert rows["bob--scene_2--00000000"]["note"] == ""  # a uniform frame: empty is what it shows
+
+
+def test_a_corrupt_imported_mask_is_the_users_file_to_replace(tmp_path, capsys):
+    make_frames(tmp_path / "frames")
+    folder = tmp_path / "raw/masks"
+    for frame_id, (_, _, _, size, persons) in FRAMES.items():
+        imwrite_atomic(folder / f"{frame_id}.png", rect_mask(size, persons))
+    broken = folder / "alice--clip_01--00000000.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(CharsegError, match="1 of 4 frames have no usable mask"):
+        run(tmp_path, config(tmp_path, method="import", import_dir=folder))
+    err = capsys.readouterr().err
+    assert (f"mask mismatch: alice--clip_01--00000000: your mask file {broken} in labels.import_dir is unreadable "
+            f"(empty or corrupt, not an image): replace it with a valid 0/255 PNG") in err
+    assert "re-run the stage" not in err
+
+
+def test_import_dir_that_is_a_file_is_refused(tmp_path):
+    make_frames(tmp_path / "frames")
+    archive = tmp_path / "raw/masks.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"PK")
+    with pytest.raises(CharsegError) as err:
+        run(tmp_path, config(tmp_path, method="import", import_dir=archive))
+    assert str(err.value) == (f"params.yaml: labels.import_dir {archive} is a file, not a folder: put the masks in "
+                              f"a folder (<frame id>.png, or listed in index.csv) and point labels.import_dir at it")
+    assert not (tmp_path / "out/masks").exists()

@@ -122,16 +122,73 @@ def test_checkpoint_round_trip_rebuilds_model_and_preprocessing(tmp_path):
 
 def test_checkpoint_errors_tell_how_to_fix(tmp_path):
     with pytest.raises(CharsegError, match=r"dvc repro train@unetpp.*dvc pull"):
-        load_checkpoint(tmp_path / "unetpp" / "best.pt")
+        load_checkpoint(tmp_path / "models" / "unetpp" / "best.pt", model_name="unetpp")
     cfg = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None}
-    path = tmp_path / "unetpp" / "best.pt"
+    path = tmp_path / "models" / "unetpp" / "best.pt"
     save_checkpoint(path, build_model(cfg), model_name="unetpp", cfg=cfg, img_size=IMG_SIZE,
                     mean=IMAGENET_MEAN, std=IMAGENET_MEAN, epoch=0, val_dice=0.0)
     with pytest.raises(CharsegError, match=r"holds a 'pspnet' model .*arch 'unetpp'.*train@unetpp"):
-        load_checkpoint(path, expect_arch="unetpp")
+        load_checkpoint(path, expect_arch="unetpp", model_name="unetpp")
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CharsegError, match="not a readable charseg checkpoint"):
         load_checkpoint(path)
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CharsegError, match="not a charseg checkpoint"):
         load_checkpoint(path)
+
+
+def test_only_a_train_output_of_a_known_model_is_sent_back_to_training(tmp_path):
+    """A checkpoint outside models/<name>/best.pt (or of a model the caller did not name) is the wrong
+    file: the fix is a valid --checkpoint, not `dvc repro train@<its folder name>`."""
+    cfg = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None}
+    mine = tmp_path / "downloads" / "best.pt"
+    with pytest.raises(CharsegError) as err:
+        load_checkpoint(mine, model_name="unetpp")
+    assert str(err.value) == (f"checkpoint {mine} not found: pass a valid --checkpoint (a best.pt that "
+                              f"`python -m stages.train` wrote)")
+    save_checkpoint(mine, build_model(cfg), model_name="pspnet", cfg=cfg, img_size=IMG_SIZE,
+                    mean=IMAGENET_MEAN, std=IMAGENET_MEAN, epoch=0, val_dice=0.0)
+    with pytest.raises(CharsegError) as err:
+        load_checkpoint(mine, expect_arch="unetpp", model_name="unetpp")
+    assert str(err.value) == (f"{mine} holds a 'pspnet' model but params.yaml says arch 'unetpp': "
+                              f"pass a valid --checkpoint of a 'unetpp' model")
+    mine.write_bytes(b"junk")
+    for model_name in (None, "unetpp", "downloads"):  # its folder name is no model: no train@downloads
+        with pytest.raises(CharsegError) as err:
+            load_checkpoint(mine, model_name=model_name)
+        assert "train@" not in str(err.value)
+        assert str(err.value).startswith(f"{mine} is not a readable charseg checkpoint (")
+        assert str(err.value).endswith("): this file is not a usable checkpoint: pass a valid --checkpoint (a best.pt "
+                                       "that `python -m stages.train` wrote)")
+    other = tmp_path / "models" / "pspnet" / "best.pt"  # a train output, but not of the model asked for
+    with pytest.raises(CharsegError, match="pass a valid --checkpoint"):
+        load_checkpoint(other, model_name="unetpp")
+
+
+def test_schema_lists_exactly_the_options_each_constructor_takes():
+    from stages.lib.models import constructor_options
+    from stages.lib.params import ARCH_OPTIONS
+    assert set(ARCH_OPTIONS) == set(ARCHITECTURES)
+    for arch_name, arch in ARCHITECTURES.items():
+        assert set(ARCH_OPTIONS[arch_name]) == constructor_options(arch), arch_name
+
+
+def test_a_corrupt_onnx_hint_names_the_model_only_when_it_is_known(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from stages.lib.onnx_model import OnnxSegmenter
+    garbage = tmp_path / "my_download.onnx"
+    garbage.write_bytes(b"not a protobuf")
+    with pytest.raises(CharsegError) as err:
+        OnnxSegmenter(garbage)
+    message = str(err.value)
+    assert "--model my_download" not in message and message.startswith(f"{garbage} is not a readable ONNX model (")
+    assert message.endswith(f"): replace {garbage} with a file that `python -m stages.export --model <name>` wrote, "
+                            f"or pass a valid --onnx")
+    with pytest.raises(CharsegError) as err:
+        OnnxSegmenter(garbage, model_name="unetpp")
+    assert str(err.value).endswith("): re-export it with `python -m stages.export --model unetpp --overwrite` with "
+                                   f"`--output {garbage}` to write it there")
+    with pytest.raises(CharsegError) as err:
+        OnnxSegmenter(tmp_path / "gone.onnx")
+    assert str(err.value) == (f"ONNX model {tmp_path / 'gone.onnx'} not found: pass the path of a file that "
+                              f"`python -m stages.export` wrote")

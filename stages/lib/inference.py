@@ -57,9 +57,12 @@ class TorchSegmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, expect_arch: str | None = None,
-                        device: torch.device = torch.device("cpu"), amp: bool = False) -> TorchSegmenter:
-        """Load models/<name>/best.pt; a missing file or another architecture is a CharsegError saying what to do."""
-        model, meta = models.load_checkpoint(path, expect_arch=expect_arch, map_location=device)
+                        device: torch.device = torch.device("cpu"), amp: bool = False,
+                        model_name: str | None = None) -> TorchSegmenter:
+        """Load models/<name>/best.pt; a missing file or another architecture is a CharsegError saying what to do
+        (retraining only when `path` is model_name's train@ output: see models.load_checkpoint)."""
+        model, meta = models.load_checkpoint(path, expect_arch=expect_arch, model_name=model_name,
+                                             map_location=device)
         return cls(model, meta, device, amp)
 
     @torch.inference_mode()

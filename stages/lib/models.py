@@ -26,15 +26,15 @@ from torch import nn
 
 from .errors import CharsegError
 from .io import write_bytes_atomic
-from .params import number
+from .params import ARCH_OPTIONS, MODEL_KEYS, number
 
 CHECKPOINT_FORMAT = "charseg-checkpoint"
 CHECKPOINT_VERSION = 1
 THRESHOLD = 0.5
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# Keys of a models.<name> cfg that are ours; anything else is passed to the architecture's constructor.
-_OWN_KEYS = {"arch", "encoder", "encoder_weights", "encoder_lr_mult"}
+# Keys of a models.<name> cfg that are ours (params.MODEL_KEYS); anything else is passed to the
+# architecture's constructor.
 # Constructor options charseg fixes: 3-channel RGB in, one logit map out (no activation, no aux head).
 _FIXED_OPTIONS = {"self", "encoder_name", "encoder_weights", "in_channels", "classes", "activation", "aux_params"}
 
@@ -171,10 +171,16 @@ def _check_weights(encoder: str, weights: str | None, name: str) -> None:
                            f"encoder '{encoder}': choose one of {available} or null (train from scratch)")
 
 
-def _check_extra(arch: Architecture, extra: dict[str, Any], name: str) -> None:
-    """smp constructors swallow unknown **kwargs silently, so a typo in params.yaml would do nothing."""
-    accepted = {p.name for p in inspect.signature(arch.constructor).parameters.values()
-                if p.kind is not inspect.Parameter.VAR_KEYWORD} - _FIXED_OPTIONS
+def constructor_options(arch: Architecture) -> set[str]:
+    """The options arch's constructor takes that a cfg may set (params.ARCH_OPTIONS lists the same)."""
+    return {p.name for p in inspect.signature(arch.constructor).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD} - _FIXED_OPTIONS
+
+
+def _check_extra(arch_name: str, arch: Architecture, extra: dict[str, Any], name: str) -> None:
+    """smp constructors swallow unknown **kwargs silently, so a typo in params.yaml would do nothing.
+    The accepted options are the schema's (params.ARCH_OPTIONS), the one list params.yaml is checked against."""
+    accepted = set(ARCH_OPTIONS[arch_name]) & constructor_options(arch)
     unknown = sorted(set(extra) - accepted)
     if unknown:
         raise CharsegError(f"params.yaml: models.{name} has option(s) {unknown} that "
@@ -183,12 +189,12 @@ def _check_extra(arch: Architecture, extra: dict[str, Any], name: str) -> None:
 
 def build_model(cfg: dict[str, Any], *, pretrained: bool = True, name: str = "<name>") -> nn.Module:
     """The model for one `models.<name>` cfg; pretrained=False never downloads (checkpoint loading)."""
-    _, arch = _arch(cfg, name)
+    arch_name, arch = _arch(cfg, name)
     encoder = _encoder(cfg, name)
     weights = cfg.get("encoder_weights")
     _check_weights(encoder, weights, name)
-    extra = {k: v for k, v in cfg.items() if k not in _OWN_KEYS}
-    _check_extra(arch, extra, name)
+    extra = {k: v for k, v in cfg.items() if k not in MODEL_KEYS}
+    _check_extra(arch_name, arch, extra, name)
     if not pretrained:
         weights = None
     elif encoder.startswith("tu-") and weights is not None:
@@ -299,32 +305,55 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, cfg:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | Path, *, expect_arch: str | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode, checkpoint metadata without the weights)."""
+def train_output_name(path: str | Path, model_name: str | None) -> str | None:
+    """model_name when `path` is models/<model_name>/best.pt, what `dvc repro train@<model_name>` writes;
+    None for any other file (a --checkpoint of the user's own), where retraining would not fix it."""
     path = Path(path)
-    name = path.parent.name or "NAME"
+    if model_name and path.name == "best.pt" and path.parent.name == model_name and \
+            path.parent.parent.name == "models":
+        return model_name
+    return None
+
+
+def load_checkpoint(path: str | Path, *, expect_arch: str | None = None, model_name: str | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, checkpoint metadata without the weights).
+
+    model_name: the params.yaml model this checkpoint is meant to be. Only when the file is that
+    model's train@<name> output (models/<name>/best.pt) do the errors suggest retraining it; any
+    other file is named as the wrong one, to be replaced by a valid --checkpoint."""
+    path = Path(path)
+    name = train_output_name(path, model_name)
+    if name:
+        retrain = f"retrain with `dvc repro train@{name}` (or fetch it again with `dvc pull`)"
+        wrong = retrain
+    else:
+        retrain = None
+        wrong = "this file is not a usable checkpoint: pass a valid --checkpoint (a best.pt that `python -m " \
+                "stages.train` wrote)"
     if not path.is_file():
         raise CharsegError(f"checkpoint {path} not found: train it with `dvc repro train@{name}` "
-                           f"(or fetch it with `dvc pull`)")
+                           f"(or fetch it with `dvc pull`)" if name else
+                           f"checkpoint {path} not found: pass a valid --checkpoint (a best.pt that `python -m "
+                           f"stages.train` wrote)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a torch pickle
-        raise CharsegError(f"{path} is not a readable charseg checkpoint ({type(err).__name__}): "
-                           f"retrain with `dvc repro train@{name}`") from err
+        raise CharsegError(f"{path} is not a readable charseg checkpoint ({type(err).__name__}): {wrong}") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CharsegError(f"{path} is not a charseg checkpoint: retrain with `dvc repro train@{name}`")
+        raise CharsegError(f"{path} is not a charseg checkpoint: {wrong}")
     if payload["version"] > CHECKPOINT_VERSION:
         raise CharsegError(f"{path} was written by a newer charseg (checkpoint version "
                            f"{payload['version']} > {CHECKPOINT_VERSION}): update the code")
     if expect_arch is not None and payload["arch"] != expect_arch:
         raise CharsegError(f"{path} holds a '{payload['arch']}' model but params.yaml says arch "
-                           f"'{expect_arch}': use a checkpoint of a '{expect_arch}' model, or retrain this one "
-                           f"with `dvc repro train@{name}` if its arch in params.yaml changed")
+                           f"'{expect_arch}': " + (
+                               f"use a checkpoint of a '{expect_arch}' model, or retrain this one with "
+                               f"`dvc repro train@{name}` if its arch in params.yaml changed" if retrain else
+                               f"pass a valid --checkpoint of a '{expect_arch}' model"))
     model = build_model(payload["cfg"], pretrained=False, name=payload["model_name"])
     try:
         model.load_state_dict(payload.pop("state_dict"))
     except RuntimeError as err:
-        raise CharsegError(f"{path} does not match its own cfg ({str(err).splitlines()[0]}): "
-                           f"retrain with `dvc repro train@{name}`") from err
+        raise CharsegError(f"{path} does not match its own cfg ({str(err).splitlines()[0]}): {wrong}") from err
     return model.to(map_location).eval(), payload

@@ -147,15 +147,28 @@ def providers_for(device: str) -> list[Any] | None:
     raise CharsegError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:<index>")
 
 
+def export_command(path: Path, model_name: str, *, overwrite: bool = False) -> str:
+    """The export command (in backticks) that writes model_name's ONNX file to `path`."""
+    command = f"`python -m stages.export --model {model_name}{' --overwrite' if overwrite else ''}`"
+    if Path(path) == Path("exports") / f"{model_name}.onnx":
+        return command
+    return f"{command} with `--output {path}` to write it there"
+
+
 class OnnxSegmenter:
     """The Segmenter protocol (stages/lib/inference.py) on ONNX Runtime: a normalised (B, 3, S, S)
     float32 batch in, foreground probabilities (B, S, S) float32 out."""
 
-    def __init__(self, path: str | Path, providers: Sequence[Any] | None = None, *, threads: int | None = None):
+    def __init__(self, path: str | Path, providers: Sequence[Any] | None = None, *, threads: int | None = None,
+                 model_name: str | None = None):
+        """model_name: the params.yaml model this file is meant to be, when the caller knows it; the
+        errors then say how to export that model to `path`, else they name the file as the wrong one."""
         path = Path(path)
+        self.model_name = model_name
         if not path.is_file():
-            raise CharsegError(f"ONNX model {path} not found: write it with "
-                               f"`python -m stages.export --model {path.stem}`")
+            raise CharsegError(f"ONNX model {path} not found: " + (
+                f"write it with {export_command(path, model_name)}" if model_name else
+                "pass the path of a file that `python -m stages.export` wrote"))
         available = ort.get_available_providers()
         auto = providers is None
         if auto:  # the GPU when this onnxruntime build has CUDA, else the CPU
@@ -169,7 +182,7 @@ class OnnxSegmenter:
             self.session = _session(str(path), providers, threads)
         except Exception as err:  # ORT raises its own exception types for a file that is not ONNX
             raise CharsegError(f"{path} is not a readable ONNX model ({type(err).__name__}): "
-                               f"re-export it with `python -m stages.export --model {path.stem} --overwrite`") from err
+                               f"{self._fix(path)}") from err
         # ORT falls back to the CPU silently when the CUDA libraries fail to load; asked-for CUDA must not.
         if not auto and CUDA in wanted and CUDA not in self.session.get_providers():
             raise CharsegError(f"onnxruntime could not start CUDA for {path} (CUDA/cuDNN libraries not found?): "
@@ -182,7 +195,7 @@ class OnnxSegmenter:
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if text is None:
             raise CharsegError(f"{path} has no charseg metadata (it was not written by `python -m stages.export`): "
-                               f"export the model with `python -m stages.export --model {path.stem}`")
+                               f"{self._fix(path)}")
         try:
             meta = json.loads(text)
         except json.JSONDecodeError:
@@ -190,8 +203,14 @@ class OnnxSegmenter:
         missing = [k for k in ("img_size", "mean", "std", "threshold") if not isinstance(meta, dict) or k not in meta]
         if missing:
             raise CharsegError(f"{path}: its charseg metadata is damaged (missing {', '.join(missing)}): "
-                               f"re-export it with `python -m stages.export --model {path.stem} --overwrite`")
+                               f"{self._fix(path)}")
         return meta
+
+    def _fix(self, path: Path) -> str:
+        if self.model_name:
+            return f"re-export it with {export_command(path, self.model_name, overwrite=True)}"
+        return (f"replace {path} with a file that `python -m stages.export --model <name>` wrote, "
+                f"or pass a valid --onnx")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         expected = (3, self.img_size, self.img_size)

@@ -1,13 +1,22 @@
-"""Read params.yaml once, so that every stage sees the same typed values.
+"""Read params.yaml once, so that every stage sees the same typed, checked values.
 
 `dvc exp run -S lr=1e-5` writes `lr: 1e-05`; plain PyYAML (YAML 1.1) reads that as the *string*
 "1e-05" because its float pattern needs a dot. Our loader also accepts exponent-only floats.
+
+SCHEMA below is the one list of every key params.yaml may hold: load_params checks each file against
+it, so a misspelt key (`frames.max_sid`, a stray `epoch:`) is an error naming the closest known key
+instead of a setting that silently does nothing, and a value outside what makes sense (`lr: 0`,
+`jpeg_quality: 120`) is an error naming the key and the allowed range. Keys may be absent (a stage
+asks for what it needs with `section` / `number`), so a partial file such as params.sample.yaml, the
+profile applied on top of params.yaml, passes the same check.
 """
 from __future__ import annotations
 
+import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -36,6 +45,267 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+def interval(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
+    """[lo, hi] in interval notation; an open or missing bound gets a round bracket."""
+    left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+    right = "inf)" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+    return f"{left}, {right}"
+
+
+@dataclass(frozen=True)
+class Num:
+    """A number in an interval; `integer`: a whole number; `nullable`: null is allowed too."""
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+    lo_open: bool = False
+    hi_open: bool = False
+    nullable: bool = False
+
+    def check(self, value: Any, key: str, source: str) -> None:
+        if value is None and self.nullable:
+            return
+        kind = "a whole number" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
+            raise CharsegError(f"{source}: '{key}' must be {kind}{' or null' if self.nullable else ''}, got {value!r}")
+        if self.integer and float(value) != int(value):
+            raise CharsegError(f"{source}: '{key}' must be a whole number, got {value!r}")
+        if ((self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) or
+                (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))):
+            raise CharsegError(f"{source}: '{key}' = {value} is outside "
+                               f"{interval(self.lo, self.hi, self.lo_open, self.hi_open)}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    def check(self, value: Any, key: str, source: str) -> None:
+        if not isinstance(value, bool):
+            raise CharsegError(f"{source}: '{key}' must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty text (a path, a name); `choices`: one of these; `nullable`: null is allowed too."""
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+
+    def check(self, value: Any, key: str, source: str) -> None:
+        if value is None and self.nullable:
+            return
+        if self.choices:
+            if value not in self.choices:
+                close = difflib.get_close_matches(str(value), self.choices, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise CharsegError(f"{source}: '{key}' is {value!r}{hint}: use one of {', '.join(self.choices)}")
+            return
+        if not isinstance(value, str) or not value.strip():
+            raise CharsegError(f"{source}: '{key}' must be a non-empty text{' or null' if self.nullable else ''}, "
+                               f"got {value!r}")
+
+
+class _Anything:
+    def check(self, value: Any, key: str, source: str) -> None:
+        pass
+
+
+# Options of each architecture's constructor that a models.<name> cfg may set besides MODEL_KEYS;
+# stages/lib/models.py passes them on (and tests/test_models.py checks this list against the
+# constructors' signatures). charseg fixes the rest (in/out channels, activation, aux head).
+ARCH_OPTIONS: dict[str, tuple[str, ...]] = {
+    "unetpp": ("encoder_depth", "decoder_channels", "decoder_use_norm", "decoder_attention_type",
+               "decoder_interpolation"),
+    "pspnet": ("encoder_depth", "psp_out_channels", "decoder_use_norm", "psp_dropout", "upsampling"),
+    "deeplabv3": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_atrous_rates",
+                  "decoder_aspp_separable", "decoder_aspp_dropout", "upsampling"),
+    "dinov2_fpn": ("pyramid_channels", "segmentation_channels", "dropout", "block_indices"),
+}
+MODEL_KEYS: dict[str, Any] = {
+    "arch": Text(choices=tuple(ARCH_OPTIONS)),
+    "encoder": Text(nullable=True),            # null: the arch's default encoder
+    "encoder_weights": Text(nullable=True),    # null: from scratch
+    "encoder_lr_mult": Num(lo=0),              # 0 freezes the encoder
+}
+# A model name becomes the DVC stage train@<name>, the param path models.<name> and models/<name>/:
+# DVC refuses punctuation other than _ and - in stage names, and a '.' would split the param path.
+MODEL_NAME = re.compile(r"[^\W_][\w-]*|_[\w-]+")
+
+SCHEMA: dict[str, Any] = {
+    "frames": {
+        "fps": Num(lo=0.001, hi=1000),
+        "max_side": Num(lo=16, integer=True, nullable=True),
+        "jpeg_quality": Num(lo=1, hi=100, integer=True),
+        "workers": Num(lo=0, integer=True),
+    },
+    "eda": {
+        "samples_per_character": Num(lo=1, integer=True),
+        "dark_mean": Num(lo=0, hi=255),
+        "uniform_std": Num(lo=0, hi=255),
+        "workers": Num(lo=0, integer=True),
+    },
+    "labels": {
+        "method": Text(choices=("yolo_sam", "import")),
+        "device": Text(),
+        "half": Flag(),
+        "detector": {
+            "weights": Text(),
+            "conf": Num(lo=0, hi=1),
+            "min_box_area": Num(lo=0, hi=1),
+            "imgsz": Num(lo=32, integer=True),
+            "batch": Num(lo=1, integer=True),
+        },
+        "sam": {
+            "model_type": Text(choices=("vit_b", "vit_l", "vit_h")),
+            "checkpoint": Text(),
+        },
+        "refine": {
+            "close_kernel": Num(lo=0, integer=True),
+            "open_kernel": Num(lo=0, integer=True),
+            "min_area": Num(lo=0, hi=1),
+            "max_hole_area": Num(lo=0, hi=1),
+        },
+        "import_dir": Text(),
+        "mask_index": Text(nullable=True),
+        "truth_dir": Text(nullable=True),
+        "cache_dir": Text(),
+        "keep_empty": Flag(),
+        "qa_samples": Num(lo=0, integer=True),
+    },
+    "split": {
+        "val_fraction": Num(lo=0, hi=1, lo_open=True, hi_open=True),
+        "seed": Num(lo=0, integer=True),
+        "gap_seconds": Num(lo=0),
+    },
+    "lr": Num(lo=0, lo_open=True),
+    "weight_decay": Num(lo=0),
+    "epochs": Num(lo=1, integer=True),
+    "batch_size": Num(lo=2, integer=True),  # BatchNorm after global pooling cannot train on one frame
+    "img_size": Num(lo=32, integer=True),
+    "seed": Num(lo=0, integer=True),
+    "train": {
+        "warmup_epochs": Num(lo=0),
+        "min_lr_ratio": Num(lo=0, hi=1),
+        "patience": Num(lo=0, integer=True),
+        "workers": Num(lo=0, integer=True),
+        "amp": Flag(),
+        "augment": {
+            "hflip": Num(lo=0, hi=1),
+            "scale": Num(lo=0, hi=0.9),
+            "shift": Num(lo=0, hi=0.5),
+            "color": Num(lo=0, hi=1),
+        },
+    },
+    "models": "models",  # name -> MODEL_KEYS + ARCH_OPTIONS[arch]: see _check_models
+    "evaluate": {
+        "boundary_tolerance_px": Num(lo=0),
+        "latency_warmup": Num(lo=0, integer=True),
+        "grid_frames": Num(lo=0, integer=True),
+        "truth_dir": Text(nullable=True),
+    },
+}
+
+
+def known_keys(spec: dict[str, Any] = SCHEMA, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the schema; a model's keys appear as models.<name>.<key>."""
+    for key, inner in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(inner, dict):
+            yield from known_keys(inner, f"{name}.")
+        elif inner == "models":
+            yield from (f"{name}.<name>.{k}" for k in [*MODEL_KEYS, *sorted({o for v in ARCH_OPTIONS.values()
+                                                                              for o in v})])
+        else:
+            yield name
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {"list": "a list", "str": "a text", "bool": "true/false"}.get(
+        type(value).__name__, f"a {type(value).__name__}")
+
+
+def _unknown(key: Any, parent: str, known: list[str], source: str) -> CharsegError:
+    dotted = f"{parent}.{key}" if parent else str(key)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    if close:
+        suggestion = f"{parent}.{close[0]}" if parent else close[0]
+    else:  # the right key in the wrong section (`train.lr`), or a typo of a key from another section
+        everything = [k for k in known_keys() if "<name>" not in k]
+        same_leaf = [k for k in everything if k.rsplit(".", 1)[-1] == str(key)]
+        close = same_leaf or difflib.get_close_matches(dotted, everything, n=1)
+        suggestion = close[0] if close else None
+    if suggestion:
+        return CharsegError(f"{source}: unknown key '{dotted}' (did you mean '{suggestion}'?)")
+    where = f"'{parent}'" if parent else "the top level"
+    return CharsegError(f"{source}: unknown key '{dotted}': the keys of {where} are {', '.join(known)}")
+
+
+def _check_mapping(value: Any, spec: dict[str, Any], key: str, source: str) -> None:
+    if not isinstance(value, dict):
+        raise CharsegError(f"{source}: '{key}' must be a mapping of keys ({', '.join(spec)}), got {_kind(value)}")
+    for name, inner in value.items():
+        if name not in spec:
+            raise _unknown(name, key, list(spec), source)
+        _check(inner, spec[name], f"{key}.{name}" if key else str(name), source)
+
+
+def _check_models(value: Any, key: str, source: str) -> None:
+    if not isinstance(value, dict):
+        raise CharsegError(f"{source}: '{key}' must be a mapping of model names to their settings "
+                           f"(unetpp: {{arch: unetpp, ...}}), got {_kind(value)}")
+    if not value:
+        raise CharsegError(f"{source}: '{key}' is empty: define at least one model, e.g. "
+                           f"unetpp: {{arch: unetpp, encoder: resnet34}} (see params.yaml's comments)")
+    for name, cfg in value.items():
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            raise CharsegError(f"{source}: model name {name!r} cannot be used: it becomes the DVC stage "
+                               f"train@{name} and the param path models.{name}, so it may hold only letters, "
+                               f"digits, '_' and '-' (and must not start with '-')")
+        where = f"{key}.{name}"
+        if not isinstance(cfg, dict):
+            raise CharsegError(f"{source}: '{where}' must be a mapping (arch, encoder, ...), got {_kind(cfg)}")
+        arch = cfg.get("arch")
+        if "arch" in cfg:
+            MODEL_KEYS["arch"].check(arch, f"{where}.arch", source)
+        # Without an arch (a profile that only overrides some keys) any architecture's option is known.
+        options = ARCH_OPTIONS[arch] if arch in ARCH_OPTIONS else sorted({o for v in ARCH_OPTIONS.values() for o in v})
+        for option in cfg:
+            if option in MODEL_KEYS:
+                MODEL_KEYS[option].check(cfg[option], f"{where}.{option}", source)
+            elif option not in options:
+                raise _unknown_option(str(option), where, arch, options, source)
+
+
+def _unknown_option(option: str, where: str, arch: str, options: Any, source: str) -> CharsegError:
+    """An option this arch does not take: another arch's option (or a typo of one) says so."""
+    own = [*MODEL_KEYS, *options]
+    others = sorted({o for opts in ARCH_OPTIONS.values() for o in opts} - set(own))
+    best = max(own + others, key=lambda k: difflib.SequenceMatcher(None, option, k).ratio())
+    if best in others and difflib.SequenceMatcher(None, option, best).ratio() >= 0.6:
+        archs = ", ".join(a for a, opts in ARCH_OPTIONS.items() if best in opts)
+        what = f"'{where}.{option}' is" if best == option else f"unknown key '{where}.{option}': '{best}' is"
+        return CharsegError(f"{source}: {what} an option of arch {archs}, not of '{arch}', which accepts "
+                            f"{', '.join(options)}")
+    return _unknown(option, where, own, source)
+
+
+def _check(value: Any, spec: Any, key: str, source: str) -> None:
+    if isinstance(spec, dict):
+        _check_mapping(value, spec, key, source)
+    elif spec == "models":
+        _check_models(value, key, source)
+    else:
+        spec.check(value, key, source)
+
+
+def check_params(params: Any, source: str = "params.yaml") -> None:
+    """Raise a CharsegError naming the first unknown key or out-of-range value of a params mapping."""
+    if not isinstance(params, dict):
+        raise CharsegError(f"{source} must hold a mapping of sections, got {_kind(params)}")
+    _check_mapping(params, SCHEMA, "", source)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -44,8 +314,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         params = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise CharsegError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(params, dict):
-        raise CharsegError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
+    check_params(params, str(path))
     return params
 
 
@@ -58,16 +327,11 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def number(cfg: dict[str, Any], key: str, *, lo: float | None = None, hi: float | None = None,
-           integer: bool = False, where: str = "") -> float | int:
+           integer: bool = False, lo_open: bool = False, where: str = "") -> float | int:
     """A numeric param, range-checked, with an error that names the key and the allowed range."""
     name = f"{where}.{key}" if where else key
     if key not in cfg:
         raise CharsegError(f"params.yaml: '{name}' is missing")
+    Num(lo=lo, hi=hi, integer=integer, lo_open=lo_open).check(cfg[key], name, "params.yaml")
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CharsegError(f"params.yaml: '{name}' must be a number, got {value!r}")
-    if integer and float(value) != int(value):
-        raise CharsegError(f"params.yaml: '{name}' must be a whole number, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise CharsegError(f"params.yaml: '{name}' = {value} is outside [{lo}, {hi}]")
     return int(value) if integer else float(value)
