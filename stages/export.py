@@ -15,6 +15,7 @@ from typing import Any
 
 from .lib import models
 from .lib.errors import CharsegError, require, run_cli
+from .lib.io import check_writable
 from .lib.onnx_model import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportReport, export_onnx
 from .lib.params import load_params, section
 
@@ -28,7 +29,8 @@ def export(model_cfgs: dict[str, Any], name: str, *, checkpoint: Path, output: P
     require(isinstance(cfg, dict), f"params.yaml: models.{name} must be a mapping (arch, encoder, ...)")
     require(not output.is_dir(), f"--output {output} is a folder: give a file path such as exports/{name}.onnx")
     require(overwrite or not output.exists(), f"{output} exists: pass --overwrite to replace it")
-    model, meta = models.load_checkpoint(checkpoint, expect_arch=cfg.get("arch"))
+    check_writable(output)  # a read-only or full disk fails now, not after the minutes-long export
+    model, meta = models.load_checkpoint(checkpoint, expect_arch=cfg.get("arch"), model_name=name)
     print(f"export: {name} ({meta['arch']}, {meta['encoder']}, img_size {meta['img_size']}) from {checkpoint}, "
           f"opset {opset}...", file=sys.stderr)
     return export_onnx(model, meta, output, opset=opset, tolerance=tolerance, source_checkpoint=checkpoint)

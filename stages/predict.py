@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .lib.device import select_device
 from .lib.errors import CharsegError, require, run_cli, warn
 from .lib.inference import Segmenter, Smoother, TorchSegmenter, infer_masks, preprocess
-from .lib.io import atomic_dir, atomic_path, imread, imwrite_atomic
+from .lib.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming
 from .lib.params import load_params, section
 from .lib.video import VideoInfo, is_video_file, looks_truncated, probe
 
@@ -202,13 +202,15 @@ def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, thresh
     # Frames wait in `pending` until the batch holding the mask they need has run; with --every the
     # frames between inferred ones wait too, so the batch also runs when this many frames are waiting.
     max_pending = max(4 * batch_size, 32)
-    with atomic_path(output) as tmp_video, \
+    frames = inferred = 0
+    # The writer thread's VideoWriter reports no error (a full disk leaves an mp4 without its index):
+    # the finished temp file must read back to every frame before it is renamed into place.
+    with atomic_path(output, verify=lambda tmp: check_video(tmp, frames, target=output)) as tmp_video, \
             (atomic_dir(masks_dir) if masks_dir else contextlib.nullcontext()) as tmp_masks:
         bar = tqdm(total=info.reported_frames or None, desc="predict", unit="frame", disable=not progress)
         threads = [threading.Thread(target=_read, args=(pipe, info, every, segmenter.meta, decoded), daemon=True),
                    threading.Thread(target=_write, args=(pipe, encoded, tmp_video, fourcc, info.fps, tmp_masks, bar),
                                     daemon=True)]
-        frames = inferred = 0
         try:
             for thread in threads:
                 thread.start()
@@ -251,7 +253,7 @@ def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str |
     if onnx is None:
         if checkpoint is not None:
             require(checkpoint.is_file(), f"--checkpoint {checkpoint}: no such file")
-        return TorchSegmenter.from_checkpoint(checkpoint or Path("models") / name / "best.pt",
+        return TorchSegmenter.from_checkpoint(checkpoint or Path("models") / name / "best.pt", model_name=name,
                                               expect_arch=arch, device=select_device(device), amp=amp)
     require(checkpoint is None, "--checkpoint and --onnx both name a model: give only one")
     path = Path(onnx) if onnx else Path("exports") / f"{name}.onnx"
@@ -260,7 +262,7 @@ def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str |
         from .lib.onnx_model import OnnxSegmenter, providers_for
     except ImportError as err:
         raise CharsegError(f"--onnx is not available ({err}): install requirements.txt") from err
-    segmenter = OnnxSegmenter(path, providers=providers_for(device))
+    segmenter = OnnxSegmenter(path, providers=providers_for(device), model_name=name)
     require(segmenter.meta.get("arch") == arch,
             f"{path} holds a '{segmenter.meta.get('arch')}' model but params.yaml says arch '{arch}': "
             f"re-export it with `python -m stages.export --model {name}`")
@@ -280,7 +282,9 @@ def find_inputs(path: Path) -> tuple[str, list[Path]]:
             warn(f"{path}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
                  f"{', '.join(skipped[:10])}{more}")
         return "images", images
-    require(path.is_file(), f"--input {path}: no such file or folder")
+    require(path.exists(), f"--input {path}: no such file or folder")
+    require(path.is_file(), f"--input {path} is not a file or folder (a pipe, socket or device): save the "
+                            f"footage to a file first")
     return ("images" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"), [path]
 
 
@@ -300,19 +304,26 @@ def _ours(name: str) -> bool:
 
 def check_output(path: Path, *, is_dir: bool, overwrite: bool, source: Path) -> None:
     """Refuse to replace an existing output without --overwrite, the input itself, or a folder that holds
-    anything predict did not write (so `--output ~ --overwrite` cannot delete a home folder)."""
+    anything predict did not write (so `--output ~ --overwrite` cannot delete a home folder); and fail
+    before any work when the output cannot be written (read-only or full disk, no permission, name too long)."""
+    with naming(path):
+        _check_output(path, is_dir=is_dir, overwrite=overwrite, source=source)
+    check_writable(path, is_dir=is_dir)
+
+
+def _check_output(path: Path, *, is_dir: bool, overwrite: bool, source: Path) -> None:
     resolved = path.resolve()
     require(resolved != source.resolve() and resolved not in source.resolve().parents,
             f"--output {path} would replace the input {source}: choose another --output")
-    if not path.exists():
-        return
-    require(overwrite, f"{path} already exists: pass --overwrite to replace it, or choose another --output")
-    require(path.is_dir() == is_dir, f"{path} exists and is not a {'folder' if is_dir else 'file'}: choose another "
-                                     f"--output")
-    foreign = [p.name for p in path.iterdir() if not _ours(p.name)] if is_dir else []
-    if foreign:
-        raise CharsegError(f"refusing to replace {path}: it holds files predict did not write (e.g. "
-                           f"{foreign[0]!r}): choose another --output")
+    if path.exists() or path.is_symlink():
+        kind = "folder" if is_dir else "file"
+        require(path.is_dir() == is_dir, f"--output {path} exists and is not a {kind}: predict writes a {kind} "
+                                         f"there; choose another --output")
+        require(overwrite, f"{path} already exists: pass --overwrite to replace it, or choose another --output")
+        foreign = [p.name for p in path.iterdir() if not _ours(p.name)] if is_dir else []
+        if foreign:
+            raise CharsegError(f"refusing to replace {path}: it holds files predict did not write (e.g. "
+                               f"{foreign[0]!r}): choose another --output")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from stages.lib.errors import require, run_cli, warn
-from stages.lib.io import read_manifest, write_json
+from stages.lib.io import check_writable, read_manifest, write_json
 from stages.lib.params import load_params, number, section
 
 REQUIRED_COLUMNS = ("id", "character", "video", "timestamp")
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     val_fraction = number(cfg, "val_fraction", where="split")
     seed = number(cfg, "seed", lo=0, integer=True, where="split")
     gap_seconds = number(cfg, "gap_seconds", lo=0, where="split")
+    for output in (args.out, args.metrics):  # both or neither: a read-only metrics/ must not follow a new split
+        check_writable(output)
     split, metrics = make_split(read_rows(args.manifest), val_fraction, seed, gap_seconds,
                                 usable_statuses(keep_empty))
     write_json(args.out, split)
