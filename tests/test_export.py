@@ -184,7 +184,7 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path, one_torch_thread):
 def test_onnx_files_not_from_charseg_are_refused(tmp_path):
     missing = tmp_path / "pspnet.onnx"
     with pytest.raises(CharsegError, match="not found: write it with `python -m stages.export --model pspnet`"):
-        OnnxSegmenter(missing)
+        OnnxSegmenter(missing, model_name="pspnet")
     foreign = tmp_path / "foreign.onnx"
     node = onnx.helper.make_node("Identity", ["image"], ["logits"])
     tensor = onnx.helper.make_tensor_value_info

@@ -60,7 +60,7 @@ def test_checkpoint_errors_say_what_to_do(checkpoint, tmp_path):
     with pytest.raises(CharsegError, match=r"holds a 'pspnet' model but params.yaml says arch 'unetpp'"):
         TorchSegmenter.from_checkpoint(checkpoint, expect_arch="unetpp")
     with pytest.raises(CharsegError, match=r"dvc repro train@absent.*dvc pull"):
-        TorchSegmenter.from_checkpoint(tmp_path / "absent" / "best.pt")
+        TorchSegmenter.from_checkpoint(tmp_path / "models" / "absent" / "best.pt", model_name="absent")
 
 
 def test_to_frame_size_is_bilinear_like_the_evaluate_stage_always_was():
