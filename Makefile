@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export YOLO_CONFIG_DIR := $(CURDIR)/.ultralytics
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install sample
+.PHONY: repro test install sample pull push
 
 install: $(VENV)/.installed
 
@@ -18,16 +18,18 @@ $(VENV)/.installed: requirements.txt
 sample: install
 	$(PY) -m stages.sample --if-empty --out data/raw
 
-# No videos of your own: the generated sample runs under the demo profile of params.sample.yaml.
+# No videos of your own: the generated sample runs under the demo profile of params.sample.yaml (dvc exp run).
+# Your own videos: plain dvc repro on params.yaml (a demo profile an earlier sample run left there is undone).
 repro: sample
-	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
-	if [ -f data/raw/videos/.charseg-sample.json ]; then \
-		echo "repro: data/raw/videos holds the generated sample: dvc exp run with params.sample.yaml"; \
-		dvc exp run $$(python -m stages.sample --print-overrides params.sample.yaml); \
-	else \
-		dvc repro; \
-	fi
-	@echo "repro: done. Comparison: reports/comparison.md; plots: plots/ (dvc plots show); metrics: dvc metrics show"
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m stages.sample --out data/raw --repro params.sample.yaml
+	@echo "repro: done. Compare: python -m stages.compare; reports/comparison.md; plots: dvc plots show"
+
+# Share through the DVC remote (README "Share data and models"): the remote is checked before a pull.
+pull: install
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m stages.remote check && PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull
+
+push: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc push
 
 test: install
-	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests

@@ -1,6 +1,8 @@
 """Generate a small synthetic "TV show" with exact person masks, so the pipeline runs without your videos.
 
     python -m stages.sample --out data/raw [--seed 0] [--if-empty]
+    python -m stages.sample --remove                         # make room for your own videos
+    python -m stages.sample --repro params.sample.yaml       # what `make repro` runs
 
 Writes `<out>/videos/<character>/<clip>` and the ground truth of every frame in
 `<out>/truth/<character>/<clip stem>/<frame_index:06d>.png` (0/255, union of all figures) with
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +34,8 @@ import cv2
 import numpy as np
 
 from stages.lib.errors import CharsegError, run_cli
-from stages.lib.io import atomic_dir, imwrite_atomic, write_csv, write_json
-from stages.lib.params import load_params
+from stages.lib.io import atomic_dir, imwrite_atomic, write_csv, write_json, write_text_atomic
+from stages.lib.params import flatten, load_params, parse_yaml
 from stages.lib.video import is_video_file
 
 # .mkv/.webm are not used: ffmpeg's Matroska muxer writes random UIDs, so the bytes would differ per run.
@@ -296,16 +301,102 @@ def generate(out_root: Path, seed: int = 0, duration_scale: float = 1.0) -> list
 
 def demo_overrides(profile: Path = Path("params.sample.yaml")) -> list[str]:
     """The profile's nested keys as `-S key=value` arguments for `dvc exp run`."""
-    profile_params = load_params(profile)
+    def shown(value: object) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
-    def flatten(prefix: str, value: object) -> Iterator[str]:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                yield from flatten(f"{prefix}.{key}" if prefix else str(key), inner)
-        else:
-            yield f"{prefix}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+    return [arg for key, value in flatten(load_params(profile)) for arg in ("-S", f"{key}={shown(value)}")]
 
-    return [arg for pair in flatten("", profile_params) for arg in ("-S", pair)]
+
+def sample_files(videos_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(the generated sample's videos found in videos_dir, every other file there); no marker: no sample."""
+    files = sorted(p for p in videos_dir.rglob("*") if p.is_file()) if videos_dir.is_dir() else []
+    if not (videos_dir / MARKER).is_file():
+        return [], files
+    generated = {videos_dir / spec.character / spec.filename for spec in CLIPS} | {videos_dir / MARKER}
+    return [p for p in files if p in generated], [p for p in files if p not in generated]
+
+
+def holds_only_the_sample(videos_dir: Path) -> bool:
+    ours, others = sample_files(videos_dir)
+    return bool(ours) and not others
+
+
+def demo_profile_leftover(params_file: Path, profile: Path, committed_text: str | None) -> str | None:
+    """What to do about a demo profile left in params.yaml by an earlier sample run, for own footage.
+
+    Returns None when params.yaml does not hold the whole demo profile. When it does and it differs from
+    the committed params.yaml (`committed_text`) in the profile's keys only, params.yaml is restored to the
+    committed text and a line saying so is returned. Any other edit beside the profile: refused, since
+    restoring would lose it.
+    """
+    current = dict(flatten(load_params(params_file)))
+    demo = dict(flatten(load_params(profile)))
+    if any(current.get(key, object()) != value for key, value in demo.items()):
+        return None
+    committed = dict(flatten(parse_yaml(committed_text))) if committed_text else {}
+    how = (f"the sample's demo profile ({', '.join(f'{k}={v}' for k, v in list(demo.items())[:4])}, ...) "
+           f"is still in {params_file}, but data/raw/videos holds your own footage: it would train your "
+           f"videos at the demo's tiny size against the sample's masks")
+    changed = {key for key in current.keys() | committed.keys() if current.get(key) != committed.get(key)}
+    if not committed:
+        raise CharsegError(f"{how}; params.yaml is not committed in git, so it cannot be restored from there: "
+                           f"set those keys back to the real defaults, then run make repro again")
+    if not changed or all(committed.get(key) == demo[key] for key in demo):
+        raise CharsegError(f"{how}; the committed params.yaml holds it too: put the real defaults back "
+                           f"(e.g. `git checkout <an earlier commit> -- params.yaml`), then run make repro again")
+    if not changed <= demo.keys():
+        raise CharsegError(f"{how}; params.yaml has other edits too ({', '.join(sorted(changed - demo.keys())[:3])}), "
+                           f"so it is not restored automatically: `git diff params.yaml` shows them; "
+                           f"`git checkout params.yaml` restores the committed defaults. Then run make repro again")
+    write_text_atomic(params_file, committed_text)
+    return (f"repro: params.yaml held the sample's demo profile ({len(demo)} keys) and data/raw/videos now holds "
+            f"your own footage: restored the committed params.yaml, so this run uses its real defaults")
+
+
+def _committed(path: Path) -> str | None:
+    """The file's text at git HEAD, or None outside git or when it is not committed."""
+    try:
+        proc = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent if path.parent.parts else None,
+                              capture_output=True, check=False)
+    except OSError:
+        return None
+    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
+
+
+HASH_INFO_NOTE = ("repro: DVC's 'No file hash info found for ... It won't be created.' warnings name outputs of "
+                  "stages that have not run yet in this checkout: harmless, this run builds them")
+
+
+def repro_command(videos_dir: Path, params_file: Path, profile: Path) -> list[str]:
+    """The command `make repro` runs: the demo experiment on the sample, else plain `dvc repro`."""
+    ours, others = sample_files(videos_dir)
+    if ours and others:
+        raise CharsegError(f"{videos_dir} mixes the generated sample with other files (e.g. {others[0]}): the "
+                           f"pipeline would train on both. Remove the sample (`python -m stages.sample --remove`) "
+                           f"to use your own videos, or move yours away to run the demo")
+    if ours:
+        print(f"repro: {videos_dir} holds the generated sample: dvc exp run with the demo profile of {profile}")
+        print(HASH_INFO_NOTE)
+        return ["dvc", "exp", "run", *demo_overrides(profile)]
+    note = demo_profile_leftover(params_file, profile, _committed(params_file))
+    if note:
+        print(note)
+    return ["dvc", "repro"]
+
+
+def remove_sample(out_root: Path) -> list[Path]:
+    """Delete the generated sample's videos, marker and truth; any other file is left alone."""
+    videos_dir = out_root / "videos"
+    ours, _ = sample_files(videos_dir)
+    for path in ours:
+        path.unlink()
+    for folder in sorted({p.parent for p in ours}, key=lambda p: len(p.parts), reverse=True):
+        if folder != videos_dir and not any(folder.iterdir()):
+            folder.rmdir()
+    truth = out_root / "truth"
+    if ours and truth.is_dir():
+        shutil.rmtree(truth)
+    return ours
 
 
 def _tree_bytes(root: Path) -> int:
@@ -321,9 +412,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="do nothing when <out>/videos already holds a video (yours or a sample)")
     parser.add_argument("--print-overrides", type=Path, metavar="PROFILE",
                         help="print PROFILE (params.sample.yaml) as `-S key=value` arguments for dvc exp run, and exit")
+    parser.add_argument("--repro", type=Path, metavar="PROFILE",
+                        help="what `make repro` runs: the demo experiment with PROFILE when <out>/videos holds only "
+                             "the sample, else `dvc repro` (a demo profile left in params.yaml is undone first)")
+    parser.add_argument("--remove", action="store_true",
+                        help="delete the generated sample (its videos and truth) from <out>, keeping any other file")
     args = parser.parse_args(argv)
     if args.print_overrides:
         print(" ".join(demo_overrides(args.print_overrides)))
+        return
+    if args.repro:
+        command = repro_command(args.out / "videos", Path("params.yaml"), args.repro)
+        os.execvp(command[0], command)
+    if args.remove:
+        removed = remove_sample(args.out)
+        print(f"sample: removed {len(removed)} files of the generated sample from {args.out}" if removed else
+              f"sample: {args.out / 'videos'} holds no generated sample; nothing removed")
         return
     if not 0 < args.duration_scale <= 10:
         raise CharsegError(f"--duration-scale must be in (0, 10], got {args.duration_scale}")

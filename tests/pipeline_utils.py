@@ -29,17 +29,44 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def clone_repo(tmp: Path, name: str = "clone") -> Path:
+    """A real `git clone` of this repository as it stands (uncommitted work included, via a snapshot origin)."""
+    origin = tmp / "origin"
+    if not (origin / ".git").is_dir():
+        origin.mkdir(parents=True, exist_ok=True)
+        copy_repo(origin)
+    git(tmp, "clone", "-q", str(origin), name)
+    return tmp / name
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """The environment of a user's shell: the project's venv on PATH, offline, HOME in a tmp folder."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "HOME": str(home), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "DVC_NO_ANALYTICS": "1", "YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def make(cwd: Path, target: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`make TARGET` as a user types it, on this test run's venv (never reinstalled: -o marks it up to date)."""
+    venv = Path(sys.executable).parents[1]
+    return subprocess.run(["make", f"VENV={venv}", "-o", f"{venv}/.installed", target], cwd=cwd,
+                          capture_output=True, text=True, env=env)
+
+
 def git(cwd: Path, *args: str) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
 
 
-def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def dvc(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
     """`dvc ...` with this interpreter's environment (stage commands then find the same packages)."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = env or {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1",
+                  "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                  "GIT_COMMITTER_EMAIL": "t@t"}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -64,6 +64,7 @@ def origin(home, s3, tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("remote_origin") / "repo")
     generate(root / "data" / "raw", seed=0, duration_scale=0.2)
     dvc(root, "exp", "run", *demo_overrides(root / "params.sample.yaml"), *TINY_TRAINING)
+    dvc(root, "add", "data/raw")  # README "Share data and models": the raw data, recorded once
     # The README's commands: the remote is committed, its keys stay in the git-ignored .dvc/config.local.
     dvc(root, "remote", "add", "s3", f"s3://{BUCKET}/pipeline")
     dvc(root, "remote", "modify", "s3", "endpointurl", s3.endpoint)
@@ -89,10 +90,10 @@ def file_hashes(root: Path, rel_paths) -> dict[str, str]:
 
 
 def dvc_outputs(root: Path) -> list[str]:
-    """Every output DVC tracks: the stage outs of dvc.lock and the two raw-data .dvc files."""
+    """Every output DVC tracks: the stage outs of dvc.lock and the raw data's .dvc file."""
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
-    for dvc_file in ("data/raw/videos.dvc", "data/raw/truth.dvc"):
+    for dvc_file in ("data/raw.dvc",):
         spec = yaml.safe_load((root / dvc_file).read_text(encoding="utf-8"))
         outs += [(Path(dvc_file).parent / out["path"]).as_posix() for out in spec["outs"]]
     return outs
@@ -145,9 +146,9 @@ def test_partial_pull_of_one_stage_brings_that_model_only(origin, tmp_path):
 
 def test_pulled_dataset_alone_rebuilds_the_same_frames(origin, tmp_path):
     repo = clone(origin, tmp_path / "clone")
-    dvc(repo, "pull", "-r", "s3", "data/raw/videos.dvc")
+    dvc(repo, "pull", "-r", "s3", "data/raw.dvc")
     assert file_hashes(repo, ["data/raw/videos"]) == file_hashes(origin, ["data/raw/videos"])
-    assert not (repo / "data" / "raw" / "truth").exists() and not (repo / "models" / "unetpp").exists()
+    assert not (repo / "models" / "unetpp").exists()
     assert stages_run(dvc(repo, "repro", "frames").stdout) == {"frames"}
     assert file_hashes(repo, ["data/frames"]) == file_hashes(origin, ["data/frames"])
     assert git(repo, "status", "--porcelain") == ""  # dvc.lock: same hashes as the teammate's run
@@ -188,14 +189,14 @@ def test_weights_travel_through_the_remote_and_the_pulled_detector_loads(origin,
 
 def test_unreachable_endpoint_fails_clearly_and_deletes_nothing(origin, tmp_path, monkeypatch):
     repo = clone(origin, tmp_path / "clone")
-    dvc(repo, "pull", "-r", "s3", "data/raw/videos.dvc")
+    dvc(repo, "pull", "-r", "s3", "data/raw.dvc")
     closed = f"http://127.0.0.1:{free_port()}"
     local_s3_remote(repo, "down", "pipeline", closed)
     before = work_tree(repo)
     # One botocore attempt: by default it retries with back-off (~15 s for a push, ~30 s for a pull here).
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     pulled = dvc(repo, "pull", "-r", "down", check=False)
-    pushed = dvc(repo, "push", "-r", "down", "data/raw/videos.dvc", check=False)
+    pushed = dvc(repo, "push", "-r", "down", "data/raw.dvc", check=False)
     for result in (pulled, pushed):
         assert result.returncode != 0
         assert f'Could not connect to the endpoint URL: "{closed}' in result.stderr, result.stderr
@@ -256,18 +257,18 @@ def test_corrupted_object_in_the_default_local_remote_fails_the_pull(origin, tmp
 def test_missing_object_fails_the_pull_and_cloud_status_names_the_file(origin, s3, tmp_path):
     """DVC's pull names the missing object by hash only; `dvc status --cloud` names the file (as 'deleted')."""
     local_s3_remote(origin, "holey", "missing", s3.endpoint)
-    dvc(origin, "push", "-r", "holey", "data/raw/videos.dvc")
+    dvc(origin, "push", "-r", "holey", "data/raw.dvc")
     lost = sorted((origin / "data" / "raw" / "videos").rglob("*.mp4"))[0]
     lost_rel = lost.relative_to(origin).as_posix()
     s3.client().delete_object(Bucket=BUCKET, Key=f"missing/{object_path(lost)}")
 
     repo = clone(origin, tmp_path / "clone")
     local_s3_remote(repo, "holey", "missing", s3.endpoint)
-    result = dvc(repo, "pull", "-r", "holey", "data/raw/videos.dvc", check=False)
+    result = dvc(repo, "pull", "-r", "holey", "data/raw.dvc", check=False)
     assert result.returncode != 0
     assert hashlib.md5(lost.read_bytes()).hexdigest() in result.stderr, result.stderr
     assert not (repo / "data" / "raw" / "videos").exists()  # no folder with a hole in it
-    status = dvc(repo, "status", "--cloud", "-r", "holey", "data/raw/videos.dvc", check=False)
+    status = dvc(repo, "status", "--cloud", "-r", "holey", "data/raw.dvc", check=False)
     assert lost_rel in status.stdout, status.stdout
 
 

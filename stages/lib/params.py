@@ -48,6 +48,15 @@ def parse_yaml(text: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The schema
 
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """('labels.method', 'import'), ... for every leaf of a nested params mapping (DVC's dotted keys)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
 def interval(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
     """[lo, hi] in interval notation; an open or missing bound gets a round bracket."""
     left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
