@@ -13,9 +13,9 @@ plus flat, numbers-only metrics (--metrics) for `dvc metrics show`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from stages.lib.errors import CharsegError, run_cli
 from stages.lib.io import atomic_dir, imread, read_manifest, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
+from stages.lib.workers import WorkerPool
 
 MANIFEST_COLUMNS = ("id", "character", "video", "timestamp")
 # Frames in flight at once: enough to keep every thread busy, small enough that memory stays flat.
@@ -60,10 +61,11 @@ def gray_stats(path: Path) -> FrameStats:
 
 
 def stream_stats(paths: list[Path], workers: int) -> Iterator[FrameStats]:
-    """Stats of each path in order; decoding runs in threads (OpenCV releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), FRAMES_PER_BATCH):
-            yield from pool.map(gray_stats, paths[start:start + FRAMES_PER_BATCH])
+    """Stats of each path in order; decoding runs in threads (OpenCV releases the GIL), at most
+    FRAMES_PER_BATCH frames in flight. Ctrl-C or an unreadable frame cancels the queued frames at once
+    instead of decoding them first (stages/lib/workers.py)."""
+    with WorkerPool(workers, processes=False) as pool:
+        yield from pool.map(gray_stats, paths, window=FRAMES_PER_BATCH)
 
 
 def pick_samples(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -156,7 +158,11 @@ def plot_frame_sizes(path: Path, sizes: Counter) -> None:
                edgecolors="black", linewidths=0.5)
     for (w, h), count in sizes.most_common(SIZE_LABELS_SHOWN):
         ax.annotate(f"{w}x{h}: {count}", (w, h), textcoords="offset points", xytext=(8, 6), fontsize=8)
+    # Pixels on both axes at comparable scales, at least a 16:9 box: a 1-pixel-tall (or -wide) size must
+    # not shrink one axis to a pixel and flatten the aspect lines into the frame's edge.
     right, top = max(widths) * 1.25, max(heights) * 1.25
+    top = max(top, right * 9 / 16)
+    right = max(right, top * 9 / 16)
     for ratio, label in ((9 / 16, "16:9"), (3 / 4, "4:3")):
         ax.plot([0, right], [0, right * ratio], ls="--", lw=0.8, color="grey")
         # Label each aspect line just inside where it leaves the axes.
@@ -170,6 +176,17 @@ def plot_frame_sizes(path: Path, sizes: Counter) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:
+    """At most `max_side` pixels on the longer side, keeping the aspect; never 0 pixels on the shorter one
+    (a 1 x 1920 frame becomes 1 x 480, where fx/fy scaling would round its height to 0 and fail)."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], images_dir: Path,
                  total_frames: int, total_videos: int) -> None:
     cols = min(4, len(samples))
@@ -177,10 +194,7 @@ def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], imag
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.6), layout="constrained")
     fig.suptitle(f"{character}: {len(samples)} of {total_frames} frames from {total_videos} video(s)")
     for i, row in enumerate(samples):
-        image = imread(images_dir / f"{row['id']}.jpg")
-        scale = SAMPLE_MAX_SIDE / max(image.shape[:2])
-        if scale < 1:
-            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        image = _shrunk(imread(images_dir / f"{row['id']}.jpg"), SAMPLE_MAX_SIDE)
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         ax.set_title(row["id"], fontsize=7)
@@ -195,9 +209,11 @@ def run_eda(frames_dir: Path, plots_dir: Path, metrics_path: Path, samples_per_c
     paths = [images_dir / f"{row['id']}.jpg" for row in rows]
     stats: list[FrameStats] = []
     try:
-        for frame_stats in tqdm(stream_stats(paths, workers), total=len(paths), desc="eda: frame stats",
-                                unit="frame"):
-            stats.append(frame_stats)
+        # closing(): a KeyboardInterrupt raised here (between two frames) stops the pool now, not when the
+        # generator happens to be garbage-collected.
+        with contextlib.closing(stream_stats(paths, workers)) as stream:
+            for frame_stats in tqdm(stream, total=len(paths), desc="eda: frame stats", unit="frame"):
+                stats.append(frame_stats)
     except CharsegError as err:
         raise CharsegError(f"{frames_dir / 'manifest.csv'} lists a frame that cannot be read: {err}") from None
 

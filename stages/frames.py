@@ -9,10 +9,18 @@ metrics file. Params (params.yaml `frames:`): fps, max_side, jpeg_quality, worke
 
 Bad input does not stop the stage, it is skipped and listed in report.json with a warning: a file that
 is not a video, a file directly in the videos folder, a folder inside a character folder, an empty
-character folder, and a video that cannot be decoded at all (empty, corrupt, no frames). A video that
-decodes but stops clearly before its announced length (a truncated copy) keeps the frames it has, is
-marked "incomplete": true in report.json and warned about. The stage fails only when no frame at all
-results (and then keeps any previous output). Names starting with a dot (.DS_Store, .gitkeep) are ignored.
+character folder, a hidden folder (name starting with a dot), a symbolic link that is broken or loops,
+a named pipe or device file, a name that is not valid UTF-8, a character + video name too long for the
+frame file names on the output filesystem, and a video that cannot be decoded at all (empty, corrupt,
+no frames). A video that decodes but stops clearly before its announced length (a truncated copy) keeps
+the frames it has, is marked "incomplete": true in report.json and warned about; frames.fps above a
+video's own rate is warned about too (every frame is kept). The stage fails only when no frame at all
+results (and then keeps any previous output). Hidden files (.DS_Store, .gitkeep) are ignored silently.
+
+A problem with the output (a full disk, a read-only folder) stops the stage: the OSError comes out as one
+`error:` line (run_cli) and the temporary output is removed. So does Ctrl-C, within about a second: the
+worker processes are stopped, not left to finish the queued videos (stages/lib/workers.py); a second
+Ctrl-C kills them at once.
 
 Speed: frames that are not kept are decoded but never converted (see stages/lib/video.py), frames
 are written as JPEG, and videos are decoded in parallel processes; with fewer videos than workers,
@@ -23,11 +31,11 @@ sorted.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-import multiprocessing
 import os
+import stat
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,7 @@ from stages.lib.errors import CharsegError, run_cli, warn
 from stages.lib.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
 from stages.lib.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
+from stages.lib.workers import WorkerPool
 
 MIN_CHUNK_SECONDS = 30.0  # a video is cut into parallel chunks no shorter than this
 CHUNKS_PER_WORKER = 2     # a few more chunks than workers, so that they finish at about the same time
@@ -62,34 +71,127 @@ def frame_id(id_prefix: str, timestamp: float) -> str:
     return f"{id_prefix}--{math.floor(timestamp * 1000 + 1e-6):08d}"
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
+def _shown(path: Path | str) -> str:
+    """A path as text that can go into JSON/CSV: bytes of a non-UTF-8 name become \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def discover(videos_root: Path) -> tuple[list[VideoJob], list[dict[str, str]]]:
-    """The videos to read, and the entries that are skipped with the reason (for report.json)."""
+def _kind(path: Path) -> tuple[str, str | None]:
+    """'dir', 'file' (a regular file, through symlinks) or 'bad' with the reason it cannot be used."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if path.is_symlink():
+            target = _shown(os.readlink(path))
+            if err.errno == errno.ELOOP:
+                return "bad", f"a symbolic link loop (-> {target}): fix or remove the link"
+            return "bad", (f"a symbolic link to {target}, which cannot be followed ({err.strerror}): "
+                           f"fix or remove the link")
+        return "bad", f"cannot be read ({err.strerror}): check its permissions"
+    if stat.S_ISDIR(mode):
+        return "dir", None
+    if stat.S_ISREG(mode):
+        return "file", None
+    what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return "bad", f"{what}, not a video file (reading it could block forever): remove it"
+
+
+def _bad_name(path: Path) -> str | None:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir gives undecodable bytes as surrogates
+        return ("its name is not valid UTF-8 (written by a system with another encoding?), so it cannot go "
+                "into the manifest: rename it")
+    return None
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (bytes) the filesystem of `directory`, or of its nearest existing parent, allows."""
+    directory = Path(directory).absolute()
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _name_too_long(job: VideoJob, limit: int) -> str | None:
+    """The frames of `job` are `<id>.jpg` (the masks stage writes `<id>.png`): that name must fit."""
+    name = f"{frame_id(job.id_prefix, 0)}.jpg"
+    size = len(os.fsencode(name))
+    if size <= limit:
+        return None
+    return (f"its frame files would be named like {name[:40]}...{name[-20:]} ({size} bytes), longer than the "
+            f"{limit} bytes the output filesystem allows (the frame id is <character>--<video name>--<ms>): "
+            f"shorten the character folder's or the video's name")
+
+
+def discover(videos_root: Path, max_name: int = 255) -> tuple[list[VideoJob], list[dict[str, str]]]:
+    """The videos to read, and the entries that are skipped with the reason (for report.json).
+
+    `max_name`: the longest file name the output filesystem allows (see `name_max`).
+    """
     jobs: list[VideoJob] = []
     skipped: list[dict[str, str]] = []
     extensions = " ".join(VIDEO_EXTENSIONS)
 
     def skip(path: Path, reason: str) -> None:
-        skipped.append({"path": path.relative_to(videos_root).as_posix(), "reason": f"{path}: {reason}"})
+        skipped.append({"path": _shown(path.relative_to(videos_root).as_posix()),
+                        "reason": f"{_shown(path)}: {reason}"})
 
-    for entry in sorted(filter(_visible, videos_root.iterdir())):
-        if not entry.is_dir():
-            skip(entry, f"a file directly in {videos_root} has no character: move it into "
-                        f"{videos_root}/<character>/")
+    def usable(path: Path) -> str | None:
+        """The entry's kind ('dir' or 'file'), or None when it is skipped (reported) or ignored."""
+        kind, problem = _kind(path)
+        if path.name.startswith("."):
+            if kind == "dir":  # a hidden file (.DS_Store, .gitkeep, the sample's marker) is ignored silently
+                skip(path, "hidden folder, skipped: remove the leading dot from its name to use it")
+            return None
+        if problem:
+            skip(path, problem)
+            return None
+        problem = _bad_name(path)
+        if problem:
+            skip(path, problem)
+            return None
+        return kind
+
+    for entry in sorted(videos_root.iterdir()):
+        kind = usable(entry)
+        if kind is None:
+            continue
+        if kind != "dir":
+            skip(entry, f"a file directly in {_shown(videos_root)} has no character: move it into "
+                        f"{_shown(videos_root)}/<character>/")
+            continue
+        try:
+            children = sorted(entry.iterdir())
+        except OSError as err:
+            skip(entry, f"character folder that cannot be listed ({err.strerror}): check its permissions")
             continue
         found = []
-        for path in sorted(filter(_visible, entry.iterdir())):
-            if path.is_dir():
-                skip(path, f"folders inside a character folder are not searched: move its videos up into {entry}")
+        for path in children:
+            kind = usable(path)
+            if kind is None:
+                continue
+            if kind == "dir":
+                skip(path, ("a folder named like a video file; " if is_video_file(path) else "")
+                     + f"folders inside a character folder are not searched: move its videos up into {_shown(entry)}")
             elif not is_video_file(path):
                 skip(path, f"not a video file by its extension (expected one of {extensions}): remove or convert it")
             else:
-                found.append(VideoJob(path, entry.name, path.relative_to(videos_root).as_posix()))
+                job = VideoJob(path, entry.name, path.relative_to(videos_root).as_posix())
+                problem = _name_too_long(job, max_name)
+                if problem:
+                    skip(path, problem)
+                else:
+                    found.append(job)
         if not found:
-            skip(entry, f"character folder with no video file ({extensions}): add videos or remove the folder")
+            videos_skipped = any(item["path"].startswith(_shown(entry.name) + "/") for item in skipped)
+            skip(entry, "character folder with no usable video: each of its entries was skipped (see them)"
+                 if videos_skipped else
+                 f"character folder with no video file ({extensions}): add videos or remove the folder")
         by_prefix: dict[str, VideoJob] = {}
         for job in found:
             if job.id_prefix in by_prefix:
@@ -171,7 +273,7 @@ def extract_chunk(chunk: Chunk, images_dir: Path, fps: float, max_side: int | No
 
 
 def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[str, Any]]],
-                  images_dir: Path) -> dict[str, Any]:
+                  images_dir: Path, fps: float) -> dict[str, Any]:
     """Merge a video's chunks into its manifest rows, report entry and warnings (or a skip)."""
     errors = [result["error"] for _, result in parts if "error" in result]
     if errors:
@@ -190,6 +292,10 @@ def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[
                         + ("used the frames' own timestamps" if info.fps_source == "timestamps" else
                            "its timestamps are unusable too, so a frame rate was assumed")
                         + f" ({info.fps:.3f} fps)")
+    if fps > info.fps * (1 + 1e-6):
+        warnings.append(f"{job.path}: frames.fps {fps:g} is above the video's own {info.fps:.3f} fps, so every "
+                        f"frame was kept ({len(rows)} frames, not {fps:g} per second): lower frames.fps to "
+                        f"{info.fps:.3f} or less to silence this")
     if truncated:
         warnings.append(f"{job.path}: decoding stopped at frame {decoded} of {info.reported_frames} "
                         f"({decoded / info.fps:.1f} s): the file looks truncated or damaged; the frames before "
@@ -211,6 +317,8 @@ def _cpu_count() -> int:
 
 
 def _run_chunks(chunks: list[Chunk], n_workers: int, args: tuple, progress: tqdm) -> list[dict[str, Any]]:
+    """Every chunk's extract_chunk result. Ctrl-C, or an error such as a full disk (the OSError comes out
+    as it is), stops the workers at once: see stages/lib/workers.py."""
     parts_of = Counter(chunk.job for chunk in chunks)
     results: list[dict[str, Any]] = [{} for _ in chunks]
     if n_workers == 1:
@@ -219,13 +327,11 @@ def _run_chunks(chunks: list[Chunk], n_workers: int, args: tuple, progress: tqdm
             progress.update(1 / parts_of[chunk.job])
         return results
     threads = max(1, _cpu_count() // n_workers)  # ffmpeg decode threads per process
-    # spawn, not fork: forking a process that has run OpenCV/ffmpeg threads can deadlock the children.
-    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker) as pool:
+    with WorkerPool(n_workers, processes=True, initializer=_init_worker) as pool:
         # Longest first, so that no long chunk starts last and keeps one core busy alone.
         order = sorted(range(len(chunks)), key=lambda i: -chunks[i].seconds)
         futures = {pool.submit(extract_chunk, chunks[i], *args, threads): i for i in order}
-        for future in as_completed(futures):
+        for future in pool.as_completed(futures):
             i = futures[future]
             results[i] = future.result()
             progress.update(1 / parts_of[chunks[i].job])
@@ -240,7 +346,7 @@ def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: in
               f"{' '.join(VIDEO_EXTENSIONS)}), or run `python -m stages.sample --out data/raw` for a small sample")
     if not videos_root.is_dir():
         raise CharsegError(f"videos folder {videos_root} does not exist: {how_to}")
-    jobs, skipped = discover(videos_root)
+    jobs, skipped = discover(videos_root, name_max(out_dir.parent))
     if not jobs:
         for item in skipped:
             warn(f"skipped {item['reason']}")
@@ -263,7 +369,7 @@ def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: in
         rows, entries, warnings = [], [], []
         for job, info in videos:
             parts = [(chunk, result) for chunk, result in zip(chunks, results) if chunk.job == job]
-            merged = _video_result(job, info, parts, images_dir)
+            merged = _video_result(job, info, parts, images_dir, fps)
             if "skipped" in merged:
                 skipped.append(merged["skipped"])
                 continue

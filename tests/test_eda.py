@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.eda import main, pick_samples, run_eda
+from stages.eda import _shrunk, main, pick_samples, run_eda
 from stages.lib.errors import CharsegError
 from stages.lib.io import read_csv
 
@@ -159,3 +159,46 @@ def test_cli_reads_params(seven_frames, tmp_path):
     params.write_text("eda:\n  samples_per_character: 0\n  dark_mean: 16\n  uniform_std: 8\n  workers: 0\n")
     with pytest.raises(CharsegError, match="eda.samples_per_character"):
         main(["--frames", str(seven_frames), "--params", str(params)])
+
+
+@pytest.mark.filterwarnings("error")
+def test_one_pixel_tall_frames_plot_without_warnings_or_errors(tmp_path):
+    """Before: a 1 x 1000 frame was shrunk for the sample grid by fx/fy to 0 pixels tall (cv2.error), and
+    the size plot's y axis spanned 1.25 px against 1250 px on x, flattening its aspect lines."""
+    rng = np.random.default_rng(0)
+    frames_dir = write_frames(tmp_path / "frames", [
+        ("alice", "wide.mp4", 0.0, noise(rng, 1, 1000)),
+        ("alice", "wide.mp4", 1.0, noise(rng, 1, 1000)),
+        ("bob", "strip.mp4", 0.0, noise(rng, 1, 64)),
+        ("bob", "dot.mp4", 0.0, noise(rng, 1, 1)),
+    ])
+    metrics = run(frames_dir, tmp_path)
+    assert (metrics["height_min"], metrics["height_max"], metrics["width_max"]) == (1, 1, 1000)
+    for path in (tmp_path / "plots" / "images").iterdir():
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    assert _shrunk(np.zeros((1, 1000, 3), np.uint8), 480).shape == (1, 480, 3)
+    assert _shrunk(np.zeros((2000, 1, 3), np.uint8), 480).shape == (480, 1, 3)
+
+
+def test_ctrl_c_during_frame_stats_cancels_the_queued_frames(seven_frames, tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import stages.eda as eda
+
+    paths = [seven_frames / "images" / "alice--ep1--00000000.jpg"] * 2000
+    read = []
+    real_stats = eda.gray_stats
+
+    def stats(path):
+        read.append(path)
+        if len(read) == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)  # a real frame takes milliseconds to decode
+        return real_stats(path)
+
+    monkeypatch.setattr(eda, "gray_stats", stats)
+    with pytest.raises(KeyboardInterrupt):
+        list(eda.stream_stats(paths, workers=2))
+    assert len(read) < 100  # the queued frames are cancelled, not read first
