@@ -25,3 +25,19 @@ def write_video(path: Path, n_frames: int, fps: float, size: tuple[int, int] = (
         writer.write(frame if color else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
     writer.release()
     return path
+
+
+TINY_PSPNET = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}
+
+
+def tiny_checkpoint(root: Path, img_size: int, cfg: dict = TINY_PSPNET, name: str = "pspnet") -> Path:
+    """models/<name>/best.pt under root: a random-weight model of `cfg`, as train@<name> would save it."""
+    import torch
+
+    from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = root / "models" / name / "best.pt"
+    save_checkpoint(checkpoint, build_model(cfg, pretrained=False), model_name=name, cfg=cfg,
+                    img_size=img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=1, val_dice=0.0)
+    return checkpoint

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import cv2
 import pytest
-import torch
 
-from helpers import write_video
+from helpers import tiny_checkpoint, write_video
 from stages import evaluate, export, predict, split
 from stages.lib import io
 from stages.lib.data import read_split
 from stages.lib.errors import CharsegError, os_error_message, run_cli
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 from stages.lib.video import probe
 from tests.conftest import REPO_ROOT
 
@@ -36,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    checkpoint = root / "models" / "pspnet" / "best.pt"
-    save_checkpoint(checkpoint, build_model(CFG, pretrained=False), model_name="pspnet", cfg=CFG,
-                    img_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=1, val_dice=0.0)
+    checkpoint = tiny_checkpoint(root, 32, CFG)
     params = root / "params.yaml"
     params.write_text("models:\n  pspnet: {arch: pspnet, encoder: resnet18, encoder_weights: null}\n")
     return {"root": root, "checkpoint": checkpoint, "params": params,

@@ -10,13 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from helpers import write_video
+from helpers import tiny_checkpoint, write_video
 from stages import predict
 from stages.lib.errors import CharsegError, run_cli
 from stages.lib.inference import TorchSegmenter, infer_masks, preprocess
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 from stages.lib.video import probe
 
 IMG_SIZE = 32
@@ -29,10 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    checkpoint = root / "models" / "pspnet" / "best.pt"
-    save_checkpoint(checkpoint, build_model(CFG, pretrained=False), model_name="pspnet", cfg=CFG,
-                    img_size=IMG_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=1, val_dice=0.0)
+    checkpoint = tiny_checkpoint(root, IMG_SIZE, CFG)
     params = root / "params.yaml"
     params.write_text("models:\n  pspnet: {arch: pspnet, encoder: resnet18, encoder_weights: null}\n"
                       "  unet: {arch: unetpp, encoder: resnet18, encoder_weights: null}\n")
