@@ -2,10 +2,12 @@
 # Both create .venv and install the pinned requirements on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Commands the recipes run (dvc, python) come from the venv first.
+ON_VENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 export YOLO_CONFIG_DIR := $(CURDIR)/.ultralytics
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install sample pull push
+.PHONY: repro test install sample pull
 
 install: $(VENV)/.installed
 
@@ -21,15 +23,12 @@ sample: install
 # No videos of your own: the generated sample runs under the demo profile of params.sample.yaml (dvc exp run).
 # Your own videos: plain dvc repro on params.yaml (a demo profile an earlier sample run left there is undone).
 repro: sample
-	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m stages.sample --out data/raw --repro params.sample.yaml
+	@$(ON_VENV) $(PY) -m stages.sample --out data/raw --repro params.sample.yaml
 	@echo "repro: done. Compare: python -m stages.compare; reports/comparison.md; plots: dvc plots show"
 
 # Share through the DVC remote (README "Share data and models"): the remote is checked before a pull.
 pull: install
-	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m stages.remote check && PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull
-
-push: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc push
+	@$(ON_VENV) $(PY) -m stages.remote check && $(ON_VENV) dvc pull
 
 test: install
-	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
+	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 $(ON_VENV) $(PY) -m pytest -q tests

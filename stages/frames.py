@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.lib.errors import CharsegError, run_cli, warn
-from stages.lib.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, slugify, write_csv, write_json
+from stages.lib.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, name_max, slugify, write_csv, write_json
 from stages.lib.params import load_params, number, section
 from stages.lib.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
 from stages.lib.workers import WorkerPool
@@ -104,17 +104,6 @@ def _bad_name(path: Path) -> str | None:
         return ("its name is not valid UTF-8 (written by a system with another encoding?), so it cannot go "
                 "into the manifest: rename it")
     return None
-
-
-def name_max(directory: Path) -> int:
-    """The longest file name (bytes) the filesystem of `directory`, or of its nearest existing parent, allows."""
-    directory = Path(directory).absolute()
-    while not directory.is_dir() and directory != directory.parent:
-        directory = directory.parent
-    try:
-        return os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
 
 
 def _name_too_long(job: VideoJob, limit: int) -> str | None:

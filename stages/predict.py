@@ -257,15 +257,14 @@ def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str |
                                               expect_arch=arch, device=select_device(device), amp=amp)
     require(checkpoint is None, "--checkpoint and --onnx both name a model: give only one")
     path = Path(onnx) if onnx else Path("exports") / f"{name}.onnx"
-    require(path.is_file(), f"ONNX model {path} not found: write it with `python -m stages.export --model {name}`")
     try:  # imported here: onnxruntime is only needed for --onnx
-        from .lib.onnx_model import OnnxSegmenter, providers_for
+        from .lib.onnx_model import OnnxSegmenter, export_command, providers_for
     except ImportError as err:
         raise CharsegError(f"--onnx is not available ({err}): install requirements.txt") from err
     segmenter = OnnxSegmenter(path, providers=providers_for(device), model_name=name)
     require(segmenter.meta.get("arch") == arch,
             f"{path} holds a '{segmenter.meta.get('arch')}' model but params.yaml says arch '{arch}': "
-            f"re-export it with `python -m stages.export --model {name}`")
+            f"re-export it with {export_command(path, name, overwrite=True)}")
     return segmenter
 
 

@@ -316,11 +316,6 @@ def sample_files(videos_dir: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in files if p in generated], [p for p in files if p not in generated]
 
 
-def holds_only_the_sample(videos_dir: Path) -> bool:
-    ours, others = sample_files(videos_dir)
-    return bool(ours) and not others
-
-
 def demo_profile_leftover(params_file: Path, profile: Path, committed_text: str | None) -> str | None:
     """What to do about a demo profile left in params.yaml by an earlier sample run, for own footage.
 

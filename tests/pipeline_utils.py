@@ -39,12 +39,20 @@ def clone_repo(tmp: Path, name: str = "clone") -> Path:
     return tmp / name
 
 
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _venv_env() -> dict[str, str]:
+    """This environment with the test run's venv first on PATH (stage commands then find the same packages)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1",
+            **GIT_IDENTITY}
+
+
 def user_env(home: Path) -> dict[str, str]:
     """The environment of a user's shell: the project's venv on PATH, offline, HOME in a tmp folder."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "HOME": str(home), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "DVC_NO_ANALYTICS": "1", "YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return {**_venv_env(), "HOME": str(home), "YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def make(cwd: Path, target: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -55,19 +63,15 @@ def make(cwd: Path, target: str, env: dict[str, str]) -> subprocess.CompletedPro
 
 
 def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_IDENTITY}).stdout
 
 
 def dvc(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess:
     """`dvc ...` with this interpreter's environment (stage commands then find the same packages)."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = env or {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1",
-                  "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                  "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env or _venv_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

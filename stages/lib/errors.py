@@ -23,10 +23,9 @@ def require(condition: object, message: str) -> None:
         raise CharsegError(message)
 
 
-_FULL = "disk full? free some space or write elsewhere"
 # What the user can do about the filesystem errors they can cause: one hint per errno.
 OS_ERROR_HINTS = {
-    errno.ENOSPC: _FULL,
+    errno.ENOSPC: "disk full? free some space or write elsewhere",
     errno.EDQUOT: "disk quota exceeded? free some space or write elsewhere",
     errno.EFBIG: "file size limit reached (ulimit -f, or the filesystem's maximum): write elsewhere",
     errno.EROFS: "read-only filesystem: choose a writable location",

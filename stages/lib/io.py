@@ -53,7 +53,7 @@ def _process_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OverflowError, ValueError, OSError):
+    except (OverflowError, ValueError, OSError):
         return False  # alive under another user, or not a pid this system can have: leave it alone
     return False
 
@@ -84,7 +84,11 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
-def _name_max(directory: Path) -> int:
+def name_max(directory: str | Path) -> int:
+    """The longest file name (bytes) the filesystem of `directory`, or of its nearest existing parent, allows."""
+    directory = Path(directory).absolute()
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
     try:
         return os.pathconf(directory, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -103,14 +107,14 @@ def _tmp_sibling(path: Path, is_dir: bool = False, suffix: str = ".tmp", sweep: 
     """A new temporary file (or directory) next to `path`, after removing stale ones of killed runs there
     (always when `sweep`, else once per directory and process: folders of 100,000 frames are not rescanned)."""
     _make_parent(path)
-    name_max = _name_max(path.parent)
-    if len(os.fsencode(path.name)) > name_max:
+    limit = name_max(path.parent)
+    if len(os.fsencode(path.name)) > limit:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
     if sweep or str(path.parent) not in _swept:
         remove_stale_temps(path.parent)
         _swept.add(str(path.parent))
     prefix_tail = f".{os.getpid()}-{_HOST}-"
-    room = name_max - len(os.fsencode(prefix_tail + suffix)) - 1 - 8  # "." + mkstemp's 8 random characters
+    room = limit - len(os.fsencode(prefix_tail + suffix)) - 1 - 8  # "." + mkstemp's 8 random characters
     name = os.fsencode(path.name)[:max(room, 1)].decode("utf-8", "ignore") or "x"  # short enough to create
     prefix = f".{name}{prefix_tail}"
     try:
@@ -144,6 +148,10 @@ def _name_the_target(err: OSError, tmp: Path, path: Path) -> None:
         name = os.fsdecode(name)
         if name == str(tmp) or name.startswith(str(tmp) + os.sep):
             setattr(err, attr, str(path) + name[len(str(tmp)):])
+    _name_if_unnamed(err, path)
+
+
+def _name_if_unnamed(err: OSError, path: Path | str) -> None:
     if err.filename is None and err.filename2 is None and err.errno is not None:
         err.filename = str(path)  # e.g. ENOSPC from write(): the OS names no file
 
@@ -155,8 +163,7 @@ def naming(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.filename is None and err.filename2 is None and err.errno is not None:
-            err.filename = str(path)
+        _name_if_unnamed(err, path)
         raise
 
 

@@ -324,18 +324,12 @@ def load_checkpoint(path: str | Path, *, expect_arch: str | None = None, model_n
     other file is named as the wrong one, to be replaced by a valid --checkpoint."""
     path = Path(path)
     name = train_output_name(path, model_name)
-    if name:
-        retrain = f"retrain with `dvc repro train@{name}` (or fetch it again with `dvc pull`)"
-        wrong = retrain
-    else:
-        retrain = None
-        wrong = "this file is not a usable checkpoint: pass a valid --checkpoint (a best.pt that `python -m " \
-                "stages.train` wrote)"
+    valid = "pass a valid --checkpoint (a best.pt that `python -m stages.train` wrote)"
+    wrong = (f"retrain with `dvc repro train@{name}` (or fetch it again with `dvc pull`)" if name else
+             f"this file is not a usable checkpoint: {valid}")
     if not path.is_file():
-        raise CharsegError(f"checkpoint {path} not found: train it with `dvc repro train@{name}` "
-                           f"(or fetch it with `dvc pull`)" if name else
-                           f"checkpoint {path} not found: pass a valid --checkpoint (a best.pt that `python -m "
-                           f"stages.train` wrote)")
+        raise CharsegError(f"checkpoint {path} not found: " + (
+            f"train it with `dvc repro train@{name}` (or fetch it with `dvc pull`)" if name else valid))
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a torch pickle
@@ -349,7 +343,7 @@ def load_checkpoint(path: str | Path, *, expect_arch: str | None = None, model_n
         raise CharsegError(f"{path} holds a '{payload['arch']}' model but params.yaml says arch "
                            f"'{expect_arch}': " + (
                                f"use a checkpoint of a '{expect_arch}' model, or retrain this one with "
-                               f"`dvc repro train@{name}` if its arch in params.yaml changed" if retrain else
+                               f"`dvc repro train@{name}` if its arch in params.yaml changed" if name else
                                f"pass a valid --checkpoint of a '{expect_arch}' model"))
     model = build_model(payload["cfg"], pretrained=False, name=payload["model_name"])
     try:
