@@ -7,28 +7,33 @@ ON_VENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 export YOLO_CONFIG_DIR := $(CURDIR)/.ultralytics
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install sample pull
+.PHONY: repro test test-fast install sample pull
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade -r requirements.txt
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .   # the charseg package and its `charseg` command
 	$(VENV)/bin/pip check
 	touch $@
 
 sample: install
-	$(PY) -m stages.sample --if-empty --out data/raw
+	$(PY) -m charseg sample --if-empty --out data/raw
 
 # No videos of your own: the generated sample runs under the demo profile of params.sample.yaml (dvc exp run).
 # Your own videos: plain dvc repro on params.yaml (a demo profile an earlier sample run left there is undone).
 repro: sample
-	@$(ON_VENV) $(PY) -m stages.sample --out data/raw --repro params.sample.yaml
-	@echo "repro: done. Compare: python -m stages.compare; reports/comparison.md; plots: dvc plots show"
+	@$(ON_VENV) $(PY) -m charseg sample --out data/raw --repro params.sample.yaml
+	@echo "repro: done. Compare: charseg compare; reports/comparison.md; plots: dvc plots show"
 
 # Share through the DVC remote (README "Share data and models"): the remote is checked before a pull.
 pull: install
-	@$(ON_VENV) $(PY) -m stages.remote check && $(ON_VENV) dvc pull
+	@$(ON_VENV) $(PY) -m charseg remote check && $(ON_VENV) dvc pull
 
+# The full suite, as CI runs it; test-fast skips the tests marked slow (real dvc/make runs, training) for the edit-test loop.
 test: install
 	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 $(ON_VENV) $(PY) -m pytest -q tests
+
+test-fast: install
+	YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 $(ON_VENV) $(PY) -m pytest -q -m "not slow" tests

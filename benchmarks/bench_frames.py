@@ -40,7 +40,7 @@ def make_video(path: Path, seconds: float, size: tuple[int, int], fps: float, gr
     import cv2
     import numpy as np
 
-    from stages.sample import ClipSpec, render_clip
+    from charseg.sample import ClipSpec, render_clip
 
     spec = ClipSpec("bench", path.name, fps, size, seconds, black_first_frame=False)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
@@ -58,7 +58,7 @@ def run_method(method: str, video: Path, out: Path) -> int:
     import cv2
 
     if method.startswith("ours"):
-        from stages.frames import extract_frames
+        from charseg.frames import extract_frames
 
         videos = out / "videos"
         (videos / "bench").mkdir(parents=True)
@@ -94,7 +94,7 @@ def run_method(method: str, video: Path, out: Path) -> int:
 def child(method: str, video: Path) -> None:
     import cv2  # noqa: F401  (imported before timing: every method pays the same import cost)
 
-    import stages.frames  # noqa: F401
+    import charseg.frames  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{method}_") as tmp:
         cpu_before = _cpu_seconds()

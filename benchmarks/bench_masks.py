@@ -36,7 +36,7 @@ def render_frames(n: int, size: tuple[int, int]) -> list[tuple]:
     import cv2
     import numpy as np
 
-    from stages.sample import ClipSpec, render_clip
+    from charseg.sample import ClipSpec, render_clip
 
     spec = ClipSpec("bench", "bench.mp4", 25.0, size, seconds=max(4.0, n * 1.0), black_first_frame=False)
     frames = []
@@ -62,11 +62,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from stages import masks as stage
-    from stages.lib.io import FRAME_COLUMNS, imread, imwrite_atomic, write_csv
-    from stages.lib.labelers import (Detections, PersonDetector, RefineConfig, SamBoxSegmenter, YoloSamLabeler,
+    from charseg import masks as stage
+    from charseg.io import FRAME_COLUMNS, imread, imwrite_atomic, write_csv
+    from charseg.labels import (Detections, PersonDetector, RefineConfig, SamBoxSegmenter, YoloSamLabeler,
                                      load_sam, load_yolo)
-    from stages.lib.device import select_device
+    from charseg.device import select_device
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     device = select_device(args.device)

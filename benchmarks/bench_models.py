@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from stages.lib import models
-from stages.lib.params import load_params, section
+from charseg import models
+from charseg.config import load_params, section
 
 
 def step_times(model: torch.nn.Module, cfg: dict, batch_size: int, img_size: int, iters: int, warmup: int,

@@ -1,7 +1,7 @@
 """Model-only inference speed on the CPU, PyTorch against ONNX Runtime, for every model in params.yaml `models:`.
 
 Each model (random weights, `encoder_weights` ignored: speed does not depend on them) is exported with
-stages.lib.onnx_model.export_onnx (parity-checked, as `python -m stages.export` does) into a temporary
+charseg.onnx.export_onnx (parity-checked, as `charseg export` does) into a temporary
 folder, then both runtimes map the same normalised batch to probabilities (forward + sigmoid; no
 resizing, decoding or preprocessing). Images/s = batch size / median call time after warm-up. Both
 runtimes get the same number of intra-op threads.
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib import models  # noqa: E402
-from stages.lib.onnx_model import CPU, OnnxSegmenter, export_onnx  # noqa: E402
-from stages.lib.params import load_params, section  # noqa: E402
+from charseg import models  # noqa: E402
+from charseg.onnx import CPU, OnnxSegmenter, export_onnx  # noqa: E402
+from charseg.config import load_params, section  # noqa: E402
 
 
 def median_seconds(call: Callable[[], object], iters: int, warmup: int) -> float:

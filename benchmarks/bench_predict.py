@@ -1,4 +1,4 @@
-"""Predict speed on a 720p video: the pipelined `stages.predict` against a plain sequential loop.
+"""Predict speed on a 720p video: the pipelined `charseg predict` against a plain sequential loop.
 
     .venv/bin/python benchmarks/bench_predict.py [--seconds 3] [--size 1280x720] [--img-size 256 512]
         [--models unetpp,pspnet,deeplabv3,dinov2] [--batch-size 8] [--device cpu] [--amp] [--onnx]
@@ -11,7 +11,7 @@ does not depend on them) and per img_size, end to end frames/s (decode + preproc
 resize back + overlay + encode, .mp4 out) of:
 
   sequential  read a batch of frames -> infer -> draw and write them, then the next batch
-  pipelined   stages.predict.predict_video: reader thread, batched inference, writer thread
+  pipelined   charseg.predict.predict_video: reader thread, batched inference, writer thread
   model only  the segmenter alone on a preprocessed batch: the ceiling for either loop
 
 with the same model, batch size and threshold; speed-up = pipelined / sequential. Decode-only and
@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import predict  # noqa: E402
-from stages.lib import models  # noqa: E402
-from stages.lib.inference import Segmenter, TorchSegmenter, infer_masks, preprocess  # noqa: E402
-from stages.lib.params import load_params, section  # noqa: E402
-from stages.lib.video import VideoInfo, probe  # noqa: E402
-from stages.sample import ClipSpec, render_clip  # noqa: E402
+from charseg import predict  # noqa: E402
+from charseg import models  # noqa: E402
+from charseg.inference import Segmenter, TorchSegmenter, infer_masks, preprocess  # noqa: E402
+from charseg.config import load_params, section  # noqa: E402
+from charseg.video import VideoInfo, probe  # noqa: E402
+from charseg.sample import ClipSpec, render_clip  # noqa: E402
 
 FPS = 30.0
 THRESHOLD = 0.5
@@ -165,7 +165,7 @@ def main() -> None:
                         "threshold": THRESHOLD}
                 runtimes: list[tuple[str, Segmenter]] = []
                 if args.onnx:  # exported first, while the model is still on the CPU
-                    from stages.lib.onnx_model import OnnxSegmenter, export_onnx, providers_for
+                    from charseg.onnx import OnnxSegmenter, export_onnx, providers_for
 
                     export_onnx(model, meta, tmp / f"{name}.onnx")
                     runtimes.append(("onnxruntime", OnnxSegmenter(tmp / f"{name}.onnx", providers_for(args.device))))

@@ -40,7 +40,7 @@ def make_frames(out: Path, n_frames: int, per_video: int, size: tuple[int, int],
     import numpy as np
     from tqdm import tqdm
 
-    from stages.sample import _background
+    from charseg.sample import _background
 
     width, height = size
     rng = np.random.default_rng(0)

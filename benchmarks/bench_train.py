@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib import models  # noqa: E402
-from stages.lib.data import Augment, PairDataset, cache_pairs, normalize, read_pair, resize_pair  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
-from stages.train import dice_loss, read_config  # noqa: E402
+from charseg import models  # noqa: E402
+from charseg.data import Augment, PairDataset, cache_pairs, normalize, read_pair, resize_pair  # noqa: E402
+from charseg.config import load_params  # noqa: E402
+from charseg.train import dice_loss, read_config  # noqa: E402
 
 
 class SeedDataset(Dataset):

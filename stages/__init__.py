@@ -1,1 +1,1 @@
-"""charseg pipeline stages: one module per DVC stage, shared code in `stages.lib`."""
+"""charseg pipeline stages: one module per DVC stage, shared code in `charseg`."""

@@ -16,6 +16,10 @@ for var, value in {"YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from charseg import environment  # noqa: E402  (after sys.path)
+
+environment.configure()  # what run_cli does for every stage and command: tests call the library directly too
+
 
 @pytest.fixture
 def one_torch_thread():

@@ -34,7 +34,7 @@ def tiny_checkpoint(root: Path, img_size: int, cfg: dict = TINY_PSPNET, name: st
     """models/<name>/best.pt under root: a random-weight model of `cfg`, as train@<name> would save it."""
     import torch
 
-    from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+    from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 
     torch.manual_seed(0)
     checkpoint = root / "models" / name / "best.pt"

@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.eda import _shrunk, main, pick_samples, run_eda
-from stages.lib.errors import CharsegError
-from stages.lib.io import read_csv
+from charseg.eda import _shrunk, main, pick_samples, run_eda
+from charseg.errors import CharsegError
+from charseg.io import read_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["id", "character", "video", "frame_index", "timestamp", "width", "height"]
@@ -185,7 +185,7 @@ def test_ctrl_c_during_frame_stats_cancels_the_queued_frames(seven_frames, tmp_p
     import signal
     import time
 
-    import stages.eda as eda
+    import charseg.eda as eda
 
     paths = [seven_frames / "images" / "alice--ep1--00000000.jpg"] * 2000
     read = []

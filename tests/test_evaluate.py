@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.evaluate import EvalConfig, Frame, evaluate, grid_ids, main
-from stages.lib.errors import CharsegError, run_cli
-from stages.lib.io import read_csv, write_csv, write_json
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from charseg.evaluate import EvalConfig, Frame, evaluate, grid_ids, main
+from charseg.errors import CharsegError, run_cli
+from charseg.io import read_csv, write_csv, write_json
+from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 
 HEIGHT, WIDTH, IMG_SIZE = 40, 56, 32  # frames neither square nor at img_size: predictions are resized back
 VAL = [("alice", "alice/a.mp4", 0), ("alice", "alice/a.mp4", 30), ("bob", "bob/b.mkv", 0)]

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from stages import export
-from stages.lib import models
-from stages.lib.errors import CharsegError
-from stages.lib.inference import TorchSegmenter, preprocess
-from stages.lib.onnx_model import CPU, CUDA, OnnxSegmenter, export_onnx, providers_for
-from stages.lib.params import load_params
+from charseg import export
+from charseg import models
+from charseg.errors import CharsegError
+from charseg.inference import TorchSegmenter, preprocess
+from charseg.onnx import CPU, CUDA, OnnxSegmenter, export_onnx, providers_for
+from charseg.config import load_params
 from tests.conftest import REPO_ROOT
 
 IMG_SIZE = 32  # the smallest size every arch accepts (unetpp and dinov2_fpn need multiples of 32)
@@ -183,7 +183,7 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path, one_torch_thread):
 
 def test_onnx_files_not_from_charseg_are_refused(tmp_path):
     missing = tmp_path / "pspnet.onnx"
-    with pytest.raises(CharsegError, match="not found: write it with `python -m stages.export --model pspnet`"):
+    with pytest.raises(CharsegError, match="not found: write it with `charseg export --model pspnet`"):
         OnnxSegmenter(missing, model_name="pspnet")
     foreign = tmp_path / "foreign.onnx"
     node = onnx.helper.make_node("Identity", ["image"], ["logits"])
@@ -191,7 +191,7 @@ def test_onnx_files_not_from_charseg_are_refused(tmp_path):
     graph = onnx.helper.make_graph([node], "g", [tensor("image", onnx.TensorProto.FLOAT, ["B", 3, 8, 8])],
                                    [tensor("logits", onnx.TensorProto.FLOAT, ["B", 3, 8, 8])])
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign)
-    with pytest.raises(CharsegError, match="not written by `python -m stages.export`"):
+    with pytest.raises(CharsegError, match="not written by `charseg export`"):
         OnnxSegmenter(foreign)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a protobuf")

@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-import stages.frames as frames
+import charseg.frames as frames
 from helpers import write_video
-from stages.lib.errors import CharsegError
-from stages.lib.io import remove_stale_temps
-from stages.lib.workers import WorkerPool
+from charseg.errors import CharsegError
+from charseg.io import remove_stale_temps
+from charseg.workers import WorkerPool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_WITHIN_S = 3.0

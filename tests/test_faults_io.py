@@ -18,11 +18,11 @@ import cv2
 import pytest
 
 from helpers import tiny_checkpoint, write_video
-from stages import evaluate, export, predict, split
-from stages.lib import io
-from stages.lib.data import read_split
-from stages.lib.errors import CharsegError, os_error_message, run_cli
-from stages.lib.video import probe
+from charseg import evaluate, export, predict, split
+from charseg import io
+from charseg.data import read_split
+from charseg.errors import CharsegError, os_error_message, run_cli
+from charseg.video import probe
 from tests.conftest import REPO_ROOT
 
 CFG = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}
@@ -312,7 +312,7 @@ def test_every_oserror_a_user_can_cause_is_one_line(capsys, code, message):
 
 def test_a_killed_predict_leaves_temps_that_the_next_run_removes(project, tmp_path):
     out = tmp_path / "long.mp4"
-    command = [sys.executable, "-m", "stages.predict",
+    command = [sys.executable, "-m", "charseg", "predict",
                *predict_argv(project, "--input", project["long"], "--output", out, "--save-masks")]
     process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-import stages.frames as frames
-import stages.lib.video as video
+import charseg.frames as frames
+import charseg.video as video
 from helpers import write_video
-from stages.lib.errors import CharsegError
-from stages.lib.io import FRAME_COLUMNS, imread
-from stages.lib.video import FrameReader, TimestampSampler, probe
-from stages.sample import generate
+from charseg.errors import CharsegError
+from charseg.io import FRAME_COLUMNS, imread
+from charseg.video import FrameReader, TimestampSampler, probe
+from charseg.sample import generate
 
 NTSC = 30000 / 1001
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.lib.data import normalize, resize_image
-from stages.lib.errors import CharsegError
-from stages.lib.inference import (Smoother, TorchSegmenter, binary_mask, infer_masks, predict_proba, preprocess,
+from charseg.data import normalize, resize_image
+from charseg.errors import CharsegError
+from charseg.inference import (Smoother, TorchSegmenter, binary_mask, infer_masks, predict_proba, preprocess,
                                   to_frame_size)
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 
 IMG_SIZE = 32
 CFG = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}

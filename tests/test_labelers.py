@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import labelers
-from stages.lib.errors import CharsegError
-from stages.lib.io import imwrite_atomic
-from stages.lib.labelers import (FrameLabel, LabelCache, MaskMismatch, PersonDetector, RefineConfig, SamBoxSegmenter,
+from charseg import labelers
+from charseg.errors import CharsegError
+from charseg.io import imwrite_atomic
+from charseg.labels import (FrameLabel, LabelCache, MaskMismatch, PersonDetector, RefineConfig, SamBoxSegmenter,
                                  label_fingerprint, load_sam, load_yolo, mask_files, read_binary_mask, refine_mask,
                                  resolve_sam_checkpoint, resolve_yolo_weights, union_masks)
 

@@ -3,9 +3,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib.errors import CharsegError
-from stages.lib.io import atomic_dir, imread, imwrite_atomic, read_csv, slugify, write_csv
-from stages.lib.params import load_params, number, parse_yaml
+from charseg.errors import CharsegError
+from charseg.io import atomic_dir, imread, imwrite_atomic, read_csv, slugify, write_csv
+from charseg.config import load_params, number, parse_yaml
 
 
 def test_exponent_floats_written_by_dvc_are_floats():
@@ -82,7 +82,7 @@ def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
 def test_select_device_names_the_setting_on_bad_values():
     import torch
 
-    from stages.lib.device import select_device
+    from charseg.device import select_device
 
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

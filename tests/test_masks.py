@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from stages import masks as stage
-from stages.lib import labelers
-from stages.lib.errors import CharsegError
-from stages.lib.io import imread, imwrite_atomic, write_csv
-from stages.lib.labelers import Detections, LabelCache, RefineConfig, YoloSamLabeler
+from charseg import masks as stage
+from charseg import labelers
+from charseg.errors import CharsegError
+from charseg.io import imread, imwrite_atomic, write_csv
+from charseg.labels import Detections, LabelCache, RefineConfig, YoloSamLabeler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib.metrics import Counts, boundary, boundary_f1, confusion, dice, iou, precision, recall
+from charseg.metrics import Counts, boundary, boundary_f1, confusion, dice, iou, precision, recall
 
 
 def masks(*rows: str) -> np.ndarray:

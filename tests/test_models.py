@@ -6,10 +6,10 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from stages.lib.errors import CharsegError
-from stages.lib.models import (ARCHITECTURES, IMAGENET_MEAN, build_model, check_img_size, load_checkpoint,
+from charseg.errors import CharsegError
+from charseg.models import (ARCHITECTURES, IMAGENET_MEAN, build_model, check_img_size, load_checkpoint,
                                normalization, param_groups, save_checkpoint)
-from stages.lib.params import load_params
+from charseg.config import load_params
 from tests.conftest import REPO_ROOT
 
 IMG_SIZE = 64
@@ -166,8 +166,8 @@ def test_only_a_train_output_of_a_known_model_is_sent_back_to_training(tmp_path)
 
 
 def test_schema_lists_exactly_the_options_each_constructor_takes():
-    from stages.lib.models import constructor_options
-    from stages.lib.params import ARCH_OPTIONS
+    from charseg.models import constructor_options
+    from charseg.config import ARCH_OPTIONS
     assert set(ARCH_OPTIONS) == set(ARCHITECTURES)
     for arch_name, arch in ARCHITECTURES.items():
         assert set(ARCH_OPTIONS[arch_name]) == constructor_options(arch), arch_name
@@ -175,20 +175,20 @@ def test_schema_lists_exactly_the_options_each_constructor_takes():
 
 def test_a_corrupt_onnx_hint_names_the_model_only_when_it_is_known(tmp_path):
     pytest.importorskip("onnxruntime")
-    from stages.lib.onnx_model import OnnxSegmenter
+    from charseg.onnx import OnnxSegmenter
     garbage = tmp_path / "my_download.onnx"
     garbage.write_bytes(b"not a protobuf")
     with pytest.raises(CharsegError) as err:
         OnnxSegmenter(garbage)
     message = str(err.value)
     assert "--model my_download" not in message and message.startswith(f"{garbage} is not a readable ONNX model (")
-    assert message.endswith(f"): replace {garbage} with a file that `python -m stages.export --model <name>` wrote, "
+    assert message.endswith(f"): replace {garbage} with a file that `charseg export --model <name>` wrote, "
                             f"or pass a valid --onnx")
     with pytest.raises(CharsegError) as err:
         OnnxSegmenter(garbage, model_name="unetpp")
-    assert str(err.value).endswith("): re-export it with `python -m stages.export --model unetpp --overwrite` with "
+    assert str(err.value).endswith("): re-export it with `charseg export --model unetpp --overwrite` with "
                                    f"`--output {garbage}` to write it there")
     with pytest.raises(CharsegError) as err:
         OnnxSegmenter(tmp_path / "gone.onnx")
     assert str(err.value) == (f"ONNX model {tmp_path / 'gone.onnx'} not found: pass the path of a file that "
-                              f"`python -m stages.export` wrote")
+                              f"`charseg export` wrote")

@@ -2,7 +2,7 @@
 
 The videos are made here and are not the sample: other sizes, frame rates, containers and character
 names, one character with a single video and one with two. Everything runs through the commands a user
-types (`make repro`, `dvc ...`, `python -m stages.compare`), with HOME in a temporary folder so the
+types (`make repro`, `dvc ...`, `charseg compare`), with HOME in a temporary folder so the
 default remote (~/.cache/charseg/dvc-remote) is the test's own.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_experiment_on_own_videos_and_compare_fits_a_terminal(imported, env):
     repo, _ = imported
     result = dvc(repo, "exp", "run", "-S", "lr=1e-5", env=env)
     assert stages_run(result.stdout) == ALL_STAGES - {"frames", "eda", "masks", "split"}
-    shown = subprocess.run([sys.executable, "-m", "stages.compare"], cwd=repo, env={**env, "COLUMNS": "120"},
+    shown = subprocess.run([sys.executable, "-m", "charseg", "compare"], cwd=repo, env={**env, "COLUMNS": "120"},
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     table, _, rest = shown.stdout.partition("\n\n")
@@ -271,14 +271,14 @@ def test_sample_first_then_own_videos_uses_the_real_defaults(tmp, env):
     (repo / "params.sample.yaml").write_text(yaml.safe_dump(profile))
     commit_all(repo, "tiny settings")
     committed = (repo / "params.yaml").read_text()
-    subprocess.run([sys.executable, "-m", "stages.sample", "--out", "data/raw", "--duration-scale", "0.3"],
+    subprocess.run([sys.executable, "-m", "charseg", "sample", "--out", "data/raw", "--duration-scale", "0.3"],
                    cwd=repo, env=env, check=True, capture_output=True)
     demo = make(repo, "repro", env)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "dvc exp run with the demo profile" in demo.stdout
     assert "data/raw/truth" in (repo / "params.yaml").read_text()
 
-    removed = subprocess.run([sys.executable, "-m", "stages.sample", "--remove"], cwd=repo, env=env,
+    removed = subprocess.run([sys.executable, "-m", "charseg", "sample", "--remove"], cwd=repo, env=env,
                              capture_output=True, text=True, check=True)
     assert "removed" in removed.stdout and not (repo / "data/raw/truth").exists()
     make_own_footage(repo)

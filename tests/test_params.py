@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.errors import CharsegError
-from stages.lib.params import check_params, known_keys, load_params
+from charseg.errors import CharsegError
+from charseg.config import check_params, known_keys, load_params
 from tests.conftest import REPO_ROOT
 
 BASE = load_params(REPO_ROOT / "params.yaml")
@@ -43,7 +43,7 @@ def test_the_committed_params_and_the_sample_profile_on_top_pass():
     check_params(BASE)
     profile = load_params(REPO_ROOT / "params.sample.yaml")
     check_params(merged(BASE, profile))
-    out = subprocess.run([sys.executable, "-m", "stages.sample", "--print-overrides", "params.sample.yaml"],
+    out = subprocess.run([sys.executable, "-m", "charseg", "sample", "--print-overrides", "params.sample.yaml"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "-S labels.method=import" in out.stdout and "-S models.dinov2.encoder_weights=null" in out.stdout

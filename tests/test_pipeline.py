@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from pipeline_utils import copy_repo, dvc, stages_run
-from stages.sample import demo_overrides, generate
+from charseg.sample import demo_overrides, generate
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from pipeline_utils import TINY_TRAINING, copy_repo, dvc, stages_run
-from stages.lib.params import load_params
-from stages.sample import demo_overrides, generate
+from charseg.config import load_params
+from charseg.sample import demo_overrides, generate
 
 pytestmark = pytest.mark.slow
 

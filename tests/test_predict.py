@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import tiny_checkpoint, write_video
-from stages import predict
-from stages.lib.errors import CharsegError, run_cli
-from stages.lib.inference import TorchSegmenter, infer_masks, preprocess
-from stages.lib.video import probe
+from charseg import predict
+from charseg.errors import CharsegError, run_cli
+from charseg.inference import TorchSegmenter, infer_masks, preprocess
+from charseg.video import probe
 
 IMG_SIZE = 32
 CFG = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}
@@ -222,9 +222,9 @@ def test_a_failed_video_write_leaves_nothing_that_looks_complete(project, tmp_pa
 
 
 def test_onnx_model_runs_like_the_checkpoint(project, segmenter, tmp_path):
-    if importlib.util.find_spec("stages.lib.onnx_model") is None:
+    if importlib.util.find_spec("charseg.onnx") is None:
         pytest.skip("stages/lib/onnx_model.py (the ONNX export) is not there yet")
-    onnx_model = pytest.importorskip("stages.lib.onnx_model")
+    onnx_model = pytest.importorskip("charseg.onnx")
     path = tmp_path / "pspnet.onnx"
     onnx_model.export_onnx(segmenter.model, segmenter.meta, path)
     cli(project, "--input", project["images"], "--output", tmp_path / "torch")
@@ -269,7 +269,7 @@ def bad_inputs(project: dict[str, Path], tmp: Path) -> list[tuple[list, dict, st
         (["--input", video, "--output", tmp / "o.webm"], {}, r"needs one of the suffixes \.mp4 \(mp4v\)"),
         (["--input", image, "--output", tmp / "o.png"], {}, "for images it is a folder"),
         (["--input", video, "--output", tmp / "o.mp4", "--onnx", tmp / "m.onnx"], {"checkpoint": False},
-         r"m.onnx not found: write it with `python -m stages.export --model pspnet`"),
+         r"m.onnx not found: write it with `charseg export --model pspnet`"),
         (["--input", video, "--output", tmp / "o.mp4", "--params", tmp / "wrong_params.yaml"], {},
          "holds a 'pspnet' model but params.yaml says arch 'unetpp'"),
         (["--input", video, "--output", tmp / "o.mp4", "--threshold", "1.5"], {}, r"--threshold must be in \[0, 1\]"),

@@ -15,8 +15,8 @@ import yaml
 
 from pipeline_utils import TINY_TRAINING, copy_repo, dvc, git, stages_run
 from s3_server import ACCESS_KEY, SECRET_KEY, S3Server, free_port, isolated_aws_env
-from stages.lib.params import load_params
-from stages.sample import demo_overrides, generate
+from charseg.config import load_params
+from charseg.sample import demo_overrides, generate
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_weights_travel_through_the_remote_and_the_pulled_detector_loads(origin,
     import torch
     from ultralytics import YOLO
 
-    from stages.lib.labelers import load_yolo
+    from charseg.labels import load_yolo
 
     seeder = clone(origin, tmp_path / "seeder")
     weights = ["weights/yolov8s.pt", "weights/sam_vit_b_01ec64.pth"]

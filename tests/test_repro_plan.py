@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import stages.sample as sample
+import charseg.sample as sample
 from pipeline_utils import git
-from stages.lib.errors import CharsegError
-from stages.remote import check_folder_remote
+from charseg.errors import CharsegError
+from charseg.remote import check_folder_remote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILE = REPO_ROOT / "params.sample.yaml"
@@ -126,7 +126,7 @@ def test_remote_check_cli_on_the_committed_default_remote(tmp_path):
     """The committed `shared` remote under a HOME where nothing was pushed: one error line, exit 2."""
     env = {**os.environ, "HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent) + os.pathsep
            + os.environ.get("PATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "stages.remote", "check"], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "charseg", "remote", "check"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: the DVC remote 'shared' is the folder {tmp_path}/.cache/charseg/dvc-remote")

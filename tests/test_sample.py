@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-import stages.sample as sample
-from stages.lib.errors import CharsegError
-from stages.lib.io import imread
+import charseg.sample as sample
+from charseg.errors import CharsegError
+from charseg.io import imread
 
 SCALE = 0.05  # clips of a fraction of a second: the layout is the same as the full sample
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib.errors import CharsegError
-from stages.split import choose_val_videos, main, make_split, read_rows, usable_statuses
+from charseg.errors import CharsegError
+from charseg.split import choose_val_videos, main, make_split, read_rows, usable_statuses
 
 LABELLED = {"labelled"}
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 import yaml
 
-import stages.train as train_stage
-from stages.lib.data import (Augment, PairDataset, cache_pairs, mask_path, normalize, read_pair, read_split,
+import charseg.train as train_stage
+from charseg.data import (Augment, PairDataset, cache_pairs, mask_path, normalize, read_pair, read_split,
                              resize_pair)
-from stages.lib.errors import CharsegError
-from stages.lib.metrics import confusion, dice
-from stages.lib.models import load_checkpoint
-from stages.lib.params import load_params
-from stages.train import TrainConfig, main, read_config, train_model
+from charseg.errors import CharsegError
+from charseg.metrics import confusion, dice
+from charseg.models import load_checkpoint
+from charseg.config import load_params
+from charseg.train import TrainConfig, main, read_config, train_model
 from tests.conftest import REPO_ROOT
 
 # PSPNet-resnet18 without pretrained weights: the smallest model of the registry (0.8 M parameters).

@@ -1,8 +1,8 @@
-"""Export a trained model to ONNX, checked against PyTorch: `python -m stages.export --model NAME`.
+"""Export a trained model to ONNX, checked against PyTorch: `charseg export --model NAME`.
 
 Reads models/NAME/best.pt (or --checkpoint), writes exports/NAME.onnx (dynamic batch, fixed
 img_size x img_size input, the checkpoint metadata embedded) only after onnxruntime's output matches
-torch's on a random batch; `python -m stages.predict --onnx exports/NAME.onnx ...` then runs it.
+torch's on a random batch; `charseg predict --onnx exports/NAME.onnx ...` then runs it.
 Not a DVC stage: exports/ is a deliverable built on demand from a checkpoint, and models/ is a DVC
 output that nothing else may write into.
 """
@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .lib import models
-from .lib.errors import CharsegError, require, run_cli
-from .lib.io import check_writable
-from .lib.onnx_model import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportReport, export_onnx
-from .lib.params import load_params, section
+from charseg import models
+from charseg.errors import CharsegError, require, run_cli
+from charseg.io import check_writable
+from charseg.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportReport, export_onnx
+from charseg.config import load_params, section
 
 
 def export(model_cfgs: dict[str, Any], name: str, *, checkpoint: Path, output: Path, opset: int = DEFAULT_OPSET,
@@ -60,6 +60,3 @@ def main(argv: list[str] | None = None) -> None:
           f"torch on a batch of {report.check_batch}: max |logit diff| {report.max_abs_logits:.2e}, "
           f"max |prob diff| {report.max_abs_probs:.2e} (tolerance {report.tolerance:g})")
 
-
-if __name__ == "__main__":
-    run_cli(main)

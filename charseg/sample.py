@@ -1,8 +1,8 @@
 """Generate a small synthetic "TV show" with exact person masks, so the pipeline runs without your videos.
 
-    python -m stages.sample --out data/raw [--seed 0] [--if-empty]
-    python -m stages.sample --remove                         # make room for your own videos
-    python -m stages.sample --repro params.sample.yaml       # what `make repro` runs
+    charseg sample --out data/raw [--seed 0] [--if-empty]
+    charseg sample --remove                         # make room for your own videos
+    charseg sample --repro params.sample.yaml       # what `make repro` runs
 
 Writes `<out>/videos/<character>/<clip>` and the ground truth of every frame in
 `<out>/truth/<character>/<clip stem>/<frame_index:06d>.png` (0/255, union of all figures) with
@@ -33,10 +33,10 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from stages.lib.errors import CharsegError, run_cli
-from stages.lib.io import atomic_dir, imwrite_atomic, write_csv, write_json, write_text_atomic
-from stages.lib.params import flatten, load_params, parse_yaml
-from stages.lib.video import is_video_file
+from charseg.errors import CharsegError, run_cli
+from charseg.io import atomic_dir, imwrite_atomic, write_csv, write_json, write_text_atomic
+from charseg.config import flatten, load_params, parse_yaml
+from charseg.video import is_video_file
 
 # .mkv/.webm are not used: ffmpeg's Matroska muxer writes random UIDs, so the bytes would differ per run.
 FOURCC = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v"}
@@ -367,7 +367,7 @@ def repro_command(videos_dir: Path, params_file: Path, profile: Path) -> list[st
     ours, others = sample_files(videos_dir)
     if ours and others:
         raise CharsegError(f"{videos_dir} mixes the generated sample with other files (e.g. {others[0]}): the "
-                           f"pipeline would train on both. Remove the sample (`python -m stages.sample --remove`) "
+                           f"pipeline would train on both. Remove the sample (`charseg sample --remove`) "
                            f"to use your own videos, or move yours away to run the demo")
     if ours:
         print(f"repro: {videos_dir} holds the generated sample: dvc exp run with the demo profile of {profile}")
@@ -436,6 +436,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sample: wrote {len(videos)} videos to {videos_dir} and {n_masks} truth masks to "
           f"{args.out / 'truth'} ({size_mb:.2f} MB, seed {args.seed})")
 
-
-if __name__ == "__main__":
-    run_cli(main)

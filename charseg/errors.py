@@ -51,8 +51,12 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     """Run a stage's main; user errors become one clear line on stderr and exit code 2, not a traceback.
 
     User errors are CharsegError and every OSError (a read-only or full disk, a missing permission, a
-    name too long for the filesystem...): `error: <path>: <cause> (<hint>)`.
+    name too long for the filesystem...): `error: <path>: <cause> (<hint>)`. The process-wide library
+    settings (charseg.environment) are applied first.
     """
+    from charseg import environment
+
+    environment.configure()
     try:
         main(argv)
     except CharsegError as err:

@@ -9,7 +9,7 @@ The policy:
 
 * The first Ctrl-C (SIGINT) cancels the work not started yet and stops the work running: worker processes
   are terminated (SIGTERM, then SIGKILL after GRACE_SECONDS), threads finish the one item they hold. The
-  KeyboardInterrupt then unwinds the stage as usual, so its temporary output is removed (stages.lib.io)
+  KeyboardInterrupt then unwinds the stage as usual, so its temporary output is removed (charseg.io)
   and run_cli exits with 130, within about a second instead of after all the queued work.
 * A second Ctrl-C while that happens kills the workers at once (SIGKILL) and raises KeyboardInterrupt
   right where the main thread is.
@@ -45,7 +45,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import CharsegError
+from charseg.errors import CharsegError
 
 GRACE_SECONDS = 1.0          # terminated workers get this long to exit before SIGKILL
 POLL_SECONDS = 0.1           # how often a waiting main thread looks for a recorded Ctrl-C

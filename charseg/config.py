@@ -12,15 +12,18 @@ profile applied on top of params.yaml, passes the same check.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import yaml
 
-from .errors import CharsegError
+from charseg.errors import CharsegError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -211,7 +214,6 @@ SCHEMA: dict[str, Any] = {
         "boundary_tolerance_px": Num(lo=0),
         "latency_warmup": Num(lo=0, integer=True),
         "grid_frames": Num(lo=0, integer=True),
-        "truth_dir": Text(nullable=True),
     },
 }
 
@@ -327,20 +329,213 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
-def section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """A required params section, with a clear error naming it when absent."""
-    value = params.get(name)
-    if not isinstance(value, dict):
-        raise CharsegError(f"params.yaml has no '{name}:' section (see README.md, 'Parameters')")
+# ---------------------------------------------------------------------------------------------
+# Typed sections: what the stages receive. Built from a checked mapping, so the values are already in range;
+# a key that is absent is reported when the section is first asked for (a partial params file passes the
+# schema, and a stage needs only its own sections).
+
+@dataclass(frozen=True)
+class FramesConfig:
+    fps: float
+    max_side: int | None
+    jpeg_quality: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class EdaConfig:
+    samples_per_character: int
+    dark_mean: float
+    uniform_std: float
+    workers: int
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    weights: Path
+    conf: float
+    min_box_area: float
+    imgsz: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    model_type: str
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    close_kernel: int = 0       # pixels; 0 or 1 = no closing
+    open_kernel: int = 0        # pixels; 0 or 1 = no opening
+    min_area: float = 0.0       # fraction of the frame area; smaller blobs are dropped
+    max_hole_area: float = 0.0  # fraction of the frame area; smaller holes are filled (1 = every hole)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    method: str
+    device: str
+    half: bool
+    detector: DetectorConfig
+    sam: SamConfig
+    refine: RefineConfig
+    import_dir: Path
+    mask_index: str | None      # the index CSV's name in import_dir / truth_dir; None: masks are <frame id>.png
+    truth_dir: Path | None      # exact masks (the sample's data/raw/truth): QA of the labels, and evaluate
+    cache_dir: Path
+    keep_empty: bool
+    qa_samples: int
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float
+    seed: int
+    gap_seconds: float
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float
+    scale: float
+    shift: float
+    color: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared training params: the top-level keys and the `train:` section."""
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    img_size: int
+    seed: int
+    warmup_epochs: float
+    min_lr_ratio: float
+    patience: int
+    workers: int
+    amp: bool
+    augment: AugmentConfig
+
+
+TRAIN_TOP_LEVEL = ("lr", "weight_decay", "epochs", "batch_size", "img_size", "seed")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    boundary_tolerance_px: float
+    latency_warmup: int
+    grid_frames: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One `models.<name>` entry. `params` is the mapping as written (what checkpoints store and
+    models.build_model takes); the typed fields are read from it."""
+    name: str
+    arch: str
+    encoder: str | None
+    encoder_weights: str | None
+    encoder_lr_mult: float
+    params: dict[str, Any]
+
+
+def _convert(kind: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key, source)
+    if value is None:
+        return None  # the schema allowed it
+    options = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
+    base = options[0]
+    if base in (int, float):
+        return base(value)
+    if base is Path:
+        return Path(value)
     return value
 
 
-def number(cfg: dict[str, Any], key: str, *, lo: float | None = None, hi: float | None = None,
-           integer: bool = False, lo_open: bool = False, where: str = "") -> float | int:
-    """A numeric param, range-checked, with an error that names the key and the allowed range."""
-    name = f"{where}.{key}" if where else key
-    if key not in cfg:
-        raise CharsegError(f"params.yaml: '{name}' is missing")
-    Num(lo=lo, hi=hi, integer=integer, lo_open=lo_open).check(cfg[key], name, "params.yaml")
-    value = cfg[key]
-    return int(value) if integer else float(value)
+def _build(cls: type, raw: Any, where: str, source: str, top_level: Sequence[str] = ()) -> Any:
+    """cls from the mapping `raw` (the section `where`); keys in `top_level` are named without the prefix."""
+    if not isinstance(raw, dict):
+        raise CharsegError(f"{source} has no '{where}:' section (see README.md, 'Parameters')")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        key = field.name if field.name in top_level else f"{where}.{field.name}"
+        if field.name not in raw:
+            if field.default is not dataclasses.MISSING:
+                continue
+            raise CharsegError(f"{source}: '{key}' is missing")
+        values[field.name] = _convert(hints[field.name], raw[field.name], key, source)
+    return cls(**values)
+
+
+class Params:
+    """params.yaml, read and checked once; each stage takes its typed section (`params.frames`, ...)."""
+
+    def __init__(self, raw: dict[str, Any], source: str = "params.yaml") -> None:
+        check_params(raw, source)
+        self.raw, self.source = raw, source
+
+    def _section(self, cls: type, name: str) -> Any:
+        return _build(cls, self.raw.get(name), name, self.source)
+
+    @functools.cached_property
+    def frames(self) -> FramesConfig:
+        return self._section(FramesConfig, "frames")
+
+    @functools.cached_property
+    def eda(self) -> EdaConfig:
+        return self._section(EdaConfig, "eda")
+
+    @functools.cached_property
+    def labels(self) -> LabelsConfig:
+        return self._section(LabelsConfig, "labels")
+
+    @functools.cached_property
+    def split(self) -> SplitConfig:
+        return self._section(SplitConfig, "split")
+
+    @functools.cached_property
+    def evaluate(self) -> EvaluateConfig:
+        return self._section(EvaluateConfig, "evaluate")
+
+    @functools.cached_property
+    def train(self) -> TrainConfig:
+        section = self.raw.get("train")
+        if not isinstance(section, dict):
+            raise CharsegError(f"{self.source} has no 'train:' section (see README.md, 'Parameters')")
+        merged = {**{k: self.raw[k] for k in TRAIN_TOP_LEVEL if k in self.raw}, **section}
+        return _build(TrainConfig, merged, "train", self.source, top_level=TRAIN_TOP_LEVEL)
+
+    @property
+    def model_names(self) -> list[str]:
+        models = self.raw.get("models")
+        if not isinstance(models, dict):
+            raise CharsegError(f"{self.source} has no 'models:' section (see README.md, 'Parameters')")
+        return list(models)
+
+    def model_config(self, name: str) -> ModelConfig:
+        """models.<name>; an unknown name lists the defined ones (and the closest, if one is close)."""
+        known = self.model_names
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CharsegError(f"unknown model '{name}'{hint}: {self.source} 'models:' defines {', '.join(known)}")
+        cfg = self.raw["models"][name]
+        if "arch" not in cfg:
+            raise CharsegError(f"{self.source}: 'models.{name}.arch' is missing")
+        return ModelConfig(name=name, arch=cfg["arch"], encoder=cfg.get("encoder"),
+                           encoder_weights=cfg.get("encoder_weights"),
+                           encoder_lr_mult=float(cfg.get("encoder_lr_mult", 1.0)), params=dict(cfg))
+
+    def models(self) -> dict[str, ModelConfig]:
+        return {name: self.model_config(name) for name in self.model_names}
+
+
+def load_config(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml read once and checked against SCHEMA; sections are typed on first use."""
+    return Params(load_params(path), str(path))

@@ -1,7 +1,7 @@
 """Compare experiments: each model's validation Dice (training) and evaluate's Dice and boundary F1.
 
-    python -m stages.compare            # the workspace, HEAD and HEAD's experiments (as `dvc exp show`)
-    python -m stages.compare -A         # every commit; any other `dvc exp show` option passes through
+    charseg compare            # the workspace, HEAD and HEAD's experiments (as `dvc exp show`)
+    charseg compare -A         # every commit; any other `dvc exp show` option passes through
 
 `dvc exp show` lists every param and every metric of every stage, hundreds of columns; this reads its
 `--json` and prints the three figures people compare, one row per experiment, then the params each
@@ -17,8 +17,8 @@ import sys
 import textwrap
 from typing import Any, Iterator
 
-from stages.lib.errors import CharsegError, run_cli
-from stages.lib.params import flatten
+from charseg.errors import CharsegError, run_cli
+from charseg.config import flatten
 
 # (column header, metrics file pattern, key): the figures per model, read from `dvc exp show --json`.
 FIGURES = (("val", "dvclive/{model}/metrics.json", "best_val_dice"),
@@ -108,6 +108,3 @@ def main(argv: list[str] | None = None) -> None:
         raise CharsegError(f"dvc exp show --json printed no JSON ({err}): {proc.stdout[:200]}") from None
     print(render(exp_show))
 
-
-if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])

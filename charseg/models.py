@@ -24,9 +24,9 @@ from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 from segmentation_models_pytorch.encoders import encoders as SMP_ENCODERS
 from torch import nn
 
-from .errors import CharsegError
-from .io import write_bytes_atomic
-from .params import ARCH_OPTIONS, MODEL_KEYS, number
+from charseg.errors import CharsegError
+from charseg.io import write_bytes_atomic
+from charseg.config import ARCH_OPTIONS, MODEL_KEYS
 
 CHECKPOINT_FORMAT = "charseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -275,7 +275,7 @@ def check_img_size(cfg: dict[str, Any], img_size: int, *, name: str = "<name>") 
 def param_groups(model: nn.Module, cfg: dict[str, Any], lr: float, weight_decay: float,
                  *, name: str = "<name>") -> list[dict]:
     """AdamW groups: the encoder learns at lr * encoder_lr_mult; norms and biases get no weight decay."""
-    mult = number(cfg, "encoder_lr_mult", lo=0, where=f"models.{name}") if "encoder_lr_mult" in cfg else 1.0
+    mult = float(cfg.get("encoder_lr_mult", 1.0))  # range-checked by the params schema
     encoder_lr = lr * mult
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

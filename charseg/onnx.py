@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import CharsegError
-from .io import file_sha256, write_bytes_atomic
+from charseg.errors import CharsegError
+from charseg.io import file_sha256, write_bytes_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -149,7 +149,7 @@ def providers_for(device: str) -> list[Any] | None:
 
 def export_command(path: Path, model_name: str, *, overwrite: bool = False) -> str:
     """The export command (in backticks) that writes model_name's ONNX file to `path`."""
-    command = f"`python -m stages.export --model {model_name}{' --overwrite' if overwrite else ''}`"
+    command = f"`charseg export --model {model_name}{' --overwrite' if overwrite else ''}`"
     if Path(path) == Path("exports") / f"{model_name}.onnx":
         return command
     return f"{command} with `--output {path}` to write it there"
@@ -168,7 +168,7 @@ class OnnxSegmenter:
         if not path.is_file():
             raise CharsegError(f"ONNX model {path} not found: " + (
                 f"write it with {export_command(path, model_name)}" if model_name else
-                "pass the path of a file that `python -m stages.export` wrote"))
+                "pass the path of a file that `charseg export` wrote"))
         available = ort.get_available_providers()
         auto = providers is None
         if auto:  # the GPU when this onnxruntime build has CUDA, else the CPU
@@ -194,7 +194,7 @@ class OnnxSegmenter:
     def _read_meta(self, path: Path) -> dict[str, Any]:
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if text is None:
-            raise CharsegError(f"{path} has no charseg metadata (it was not written by `python -m stages.export`): "
+            raise CharsegError(f"{path} has no charseg metadata (it was not written by `charseg export`): "
                                f"{self._fix(path)}")
         try:
             meta = json.loads(text)
@@ -209,7 +209,7 @@ class OnnxSegmenter:
     def _fix(self, path: Path) -> str:
         if self.model_name:
             return f"re-export it with {export_command(path, self.model_name, overwrite=True)}"
-        return (f"replace {path} with a file that `python -m stages.export --model <name>` wrote, "
+        return (f"replace {path} with a file that `charseg export --model <name>` wrote, "
                 f"or pass a valid --onnx")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

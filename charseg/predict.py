@@ -1,4 +1,4 @@
-"""Segment new footage with a trained model: `python -m stages.predict --model NAME --input PATH --output PATH`.
+"""Segment new footage with a trained model: `charseg predict --model NAME --input PATH --output PATH`.
 
 - An image or a folder of images: --output is a folder with `<stem>.mask.png` (0/255, the image's size) and
   `<stem>.overlay.jpg` (mask tinted and outlined) per image; full file names (`a.jpg.mask.png`) when stems collide.
@@ -29,12 +29,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .lib.device import select_device
-from .lib.errors import CharsegError, require, run_cli, warn
-from .lib.inference import Segmenter, Smoother, TorchSegmenter, infer_masks, preprocess
-from .lib.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming
-from .lib.params import load_params, section
-from .lib.video import VideoInfo, is_video_file, looks_truncated, probe
+from charseg.device import select_device
+from charseg.errors import CharsegError, require, run_cli, warn
+from charseg.inference import Segmenter, Smoother, TorchSegmenter, infer_masks, preprocess
+from charseg.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming
+from charseg.config import load_params, section
+from charseg.video import VideoInfo, is_video_file, looks_truncated, probe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}  # all in OpenCV's wheels
@@ -258,7 +258,7 @@ def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str |
     require(checkpoint is None, "--checkpoint and --onnx both name a model: give only one")
     path = Path(onnx) if onnx else Path("exports") / f"{name}.onnx"
     try:  # imported here: onnxruntime is only needed for --onnx
-        from .lib.onnx_model import OnnxSegmenter, export_command, providers_for
+        from charseg.onnx import OnnxSegmenter, export_command, providers_for
     except ImportError as err:
         raise CharsegError(f"--onnx is not available ({err}): install requirements.txt") from err
     segmenter = OnnxSegmenter(path, providers=providers_for(device), model_name=name)
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"images: a folder for masks and overlays; video: the overlay video ({', '.join(CODECS)})")
     parser.add_argument("--checkpoint", type=Path, help="default: models/<NAME>/best.pt (train@NAME's output)")
     parser.add_argument("--onnx", nargs="?", const="", metavar="PATH",
-                        help="run an ONNX export instead (default exports/<NAME>.onnx, from python -m stages.export)")
+                        help="run an ONNX export instead (default exports/<NAME>.onnx, from charseg export)")
     parser.add_argument("--threshold", type=float,
                         help="foreground where probability > this (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
@@ -399,6 +399,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"predict: {result.frames} frames of {args.input} -> {args.output}{masks}; model ran on {result.inferred}; "
           f"{rate:.1f} frames/s ({runtime})")
 
-
-if __name__ == "__main__":
-    run_cli(main)

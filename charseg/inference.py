@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from . import models
-from .data import resize_image
+from charseg import models
+from charseg.data import resize_image
 
 
 def preprocess(images: Sequence[np.ndarray], meta: dict[str, Any]) -> np.ndarray:

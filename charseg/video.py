@@ -1,4 +1,4 @@
-"""Read videos and sample frames by timestamp (shared by the frames and predict stages).
+"""Read videos and sample frames by timestamp (the frames stage; predict reads with the same probe).
 
 Frames are picked by time, not by counting: target times are k / rate, and the first frame whose
 timestamp is at or after each target is kept. Stepping by `int(fps)` frames would drift (29.97 fps
@@ -20,23 +20,15 @@ is assumed. `VideoInfo.fps_source` says which one was used, so the stage can rep
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-# ffmpeg prints a line per damaged packet; we report damaged files ourselves, in one clear line.
-# Set OPENCV_FFMPEG_LOGLEVEL=32 to see ffmpeg's own messages again. Must be set before the first open.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402  (after the environment variable above)
-import numpy as np  # noqa: E402
-
-from .errors import CharsegError  # noqa: E402
-
-if "OPENCV_LOG_LEVEL" not in os.environ:
-    cv2.setLogLevel(2)  # errors only: no "backend can't capture by name" warnings for unreadable files
+from charseg.errors import CharsegError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 MAX_PLAUSIBLE_FPS = 240.0

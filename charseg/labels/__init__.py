@@ -32,16 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .device import select_device
-from .errors import CharsegError
-from .io import file_sha256, imread, imwrite_atomic, read_json, write_json
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-# Before ultralytics is first imported: its settings file lives in the project, not in the user's
-# home, and it never pip-installs packages at run time.
-os.environ.setdefault("YOLO_CONFIG_DIR", str(PROJECT_ROOT / ".ultralytics"))
-os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+from charseg.device import select_device
+from charseg.errors import CharsegError
+from charseg.io import file_sha256, imread, imwrite_atomic, read_json, write_json
 
 # Ultralytics' experiment integrations stay off: its DVC callback starts a dvclive session and
 # crashes outside its own training loop, and the others (and its analytics) would phone home.

@@ -1,6 +1,6 @@
 """Check the DVC remote before a pull, so a missing one is named instead of DVC's "Everything is up to date".
 
-    python -m stages.remote check [--remote NAME]     # `make pull` runs it before `dvc pull`
+    charseg remote check [--remote NAME]     # `make pull` runs it before `dvc pull`
 
 A folder remote (the committed default `shared` is ~/.cache/charseg/dvc-remote) that does not exist
 makes `dvc pull` print "Everything is up to date." and then fail to check out, without saying why.
@@ -12,7 +12,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from stages.lib.errors import CharsegError, run_cli
+from charseg.errors import CharsegError, run_cli
 
 
 def _dvc(*args: str) -> str:
@@ -61,6 +61,3 @@ def main(argv: list[str] | None = None) -> None:
     folder = check_folder_remote(name, url)
     print(f"remote: '{name}' is {folder or url}" + (" (found)" if folder else " (checked by dvc itself)"))
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from .errors import CharsegError
+from charseg.errors import CharsegError
 
 
 def _umask() -> int:

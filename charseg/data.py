@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .errors import CharsegError, require
-from .io import imread, read_json, write_bytes_atomic
+from charseg.errors import CharsegError, require
+from charseg.io import imread, read_json, write_bytes_atomic
 
 FRAME_SUFFIX = ".jpg"
 MASK_SUFFIX = ".png"

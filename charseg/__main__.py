@@ -1,0 +1,3 @@
+from charseg.cli import main
+
+main()

@@ -1,0 +1,412 @@
+"""Extract frames from the character videos, sampled by timestamp.
+
+    python -m stages.frames --videos data/raw/videos --out data/frames [--metrics metrics/frames.json]
+
+Reads `<videos>/<character>/<file>` (.mp4 .avi .mkv .mov .webm, any case) and writes, all or nothing,
+`<out>/images/<id>.jpg`, `<out>/manifest.csv` (id,character,video,frame_index,timestamp,width,height;
+sorted by id) and `<out>/report.json` (per-video fps used, skipped files and why); counts go to the
+metrics file. Params (params.yaml `frames:`): fps, max_side, jpeg_quality, workers.
+
+Bad input does not stop the stage, it is skipped and listed in report.json with a warning: a file that
+is not a video, a file directly in the videos folder, a folder inside a character folder, an empty
+character folder, a hidden folder (name starting with a dot), a symbolic link that is broken or loops,
+a named pipe or device file, a name that is not valid UTF-8, a character + video name too long for the
+frame file names on the output filesystem, and a video that cannot be decoded at all (empty, corrupt,
+no frames). A video that decodes but stops clearly before its announced length (a truncated copy) keeps
+the frames it has, is marked "incomplete": true in report.json and warned about; frames.fps above a
+video's own rate is warned about too (every frame is kept). The stage fails only when no frame at all
+results (and then keeps any previous output). Hidden files (.DS_Store, .gitkeep) are ignored silently.
+
+A problem with the output (a full disk, a read-only folder) stops the stage: the OSError comes out as one
+`error:` line (run_cli) and the temporary output is removed. So does Ctrl-C, within about a second: the
+worker processes are stopped, not left to finish the queued videos (stages/lib/workers.py); a second
+Ctrl-C kills them at once.
+
+Speed: frames that are not kept are decoded but never converted (see stages/lib/video.py), frames
+are written as JPEG, and videos are decoded in parallel processes; with fewer videos than workers,
+long videos are also cut into time chunks decoded in parallel. The output does not depend on the
+number of workers: a frame is kept by its own timestamp, wherever a chunk starts, and the manifest is
+sorted.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from charseg.errors import CharsegError, run_cli, warn
+from charseg.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, name_max, slugify, write_csv, write_json
+from charseg.config import load_params, number, section
+from charseg.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
+from charseg.workers import WorkerPool
+
+MIN_CHUNK_SECONDS = 30.0  # a video is cut into parallel chunks no shorter than this
+CHUNKS_PER_WORKER = 2     # a few more chunks than workers, so that they finish at about the same time
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    path: Path
+    character: str
+    video: str  # path relative to the videos folder, POSIX separators: the manifest's `video`
+
+    @property
+    def id_prefix(self) -> str:
+        return f"{slugify(self.character)}--{slugify(self.path.stem)}"
+
+
+def frame_id(id_prefix: str, timestamp: float) -> str:
+    # Whole milliseconds rounded down (the sampler keeps at most one frame per 1/fps interval, fps <= 1000,
+    # so two kept frames never share a millisecond); the epsilon absorbs float error like 99999.99999.
+    return f"{id_prefix}--{math.floor(timestamp * 1000 + 1e-6):08d}"
+
+
+def _shown(path: Path | str) -> str:
+    """A path as text that can go into JSON/CSV: bytes of a non-UTF-8 name become \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _kind(path: Path) -> tuple[str, str | None]:
+    """'dir', 'file' (a regular file, through symlinks) or 'bad' with the reason it cannot be used."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if path.is_symlink():
+            target = _shown(os.readlink(path))
+            if err.errno == errno.ELOOP:
+                return "bad", f"a symbolic link loop (-> {target}): fix or remove the link"
+            return "bad", (f"a symbolic link to {target}, which cannot be followed ({err.strerror}): "
+                           f"fix or remove the link")
+        return "bad", f"cannot be read ({err.strerror}): check its permissions"
+    if stat.S_ISDIR(mode):
+        return "dir", None
+    if stat.S_ISREG(mode):
+        return "file", None
+    what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return "bad", f"{what}, not a video file (reading it could block forever): remove it"
+
+
+def _bad_name(path: Path) -> str | None:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir gives undecodable bytes as surrogates
+        return ("its name is not valid UTF-8 (written by a system with another encoding?), so it cannot go "
+                "into the manifest: rename it")
+    return None
+
+
+def _name_too_long(job: VideoJob, limit: int) -> str | None:
+    """The frames of `job` are `<id>.jpg` (the masks stage writes `<id>.png`): that name must fit."""
+    name = f"{frame_id(job.id_prefix, 0)}.jpg"
+    size = len(os.fsencode(name))
+    if size <= limit:
+        return None
+    return (f"its frame files would be named like {name[:40]}...{name[-20:]} ({size} bytes), longer than the "
+            f"{limit} bytes the output filesystem allows (the frame id is <character>--<video name>--<ms>): "
+            f"shorten the character folder's or the video's name")
+
+
+def discover(videos_root: Path, max_name: int = 255) -> tuple[list[VideoJob], list[dict[str, str]]]:
+    """The videos to read, and the entries that are skipped with the reason (for report.json).
+
+    `max_name`: the longest file name the output filesystem allows (see `name_max`).
+    """
+    jobs: list[VideoJob] = []
+    skipped: list[dict[str, str]] = []
+    extensions = " ".join(VIDEO_EXTENSIONS)
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": _shown(path.relative_to(videos_root).as_posix()),
+                        "reason": f"{_shown(path)}: {reason}"})
+
+    def usable(path: Path) -> str | None:
+        """The entry's kind ('dir' or 'file'), or None when it is skipped (reported) or ignored."""
+        kind, problem = _kind(path)
+        if path.name.startswith("."):
+            if kind == "dir":  # a hidden file (.DS_Store, .gitkeep, the sample's marker) is ignored silently
+                skip(path, "hidden folder, skipped: remove the leading dot from its name to use it")
+            return None
+        if problem:
+            skip(path, problem)
+            return None
+        problem = _bad_name(path)
+        if problem:
+            skip(path, problem)
+            return None
+        return kind
+
+    for entry in sorted(videos_root.iterdir()):
+        kind = usable(entry)
+        if kind is None:
+            continue
+        if kind != "dir":
+            skip(entry, f"a file directly in {_shown(videos_root)} has no character: move it into "
+                        f"{_shown(videos_root)}/<character>/")
+            continue
+        try:
+            children = sorted(entry.iterdir())
+        except OSError as err:
+            skip(entry, f"character folder that cannot be listed ({err.strerror}): check its permissions")
+            continue
+        found = []
+        for path in children:
+            kind = usable(path)
+            if kind is None:
+                continue
+            if kind == "dir":
+                skip(path, ("a folder named like a video file; " if is_video_file(path) else "")
+                     + f"folders inside a character folder are not searched: move its videos up into {_shown(entry)}")
+            elif not is_video_file(path):
+                skip(path, f"not a video file by its extension (expected one of {extensions}): remove or convert it")
+            else:
+                job = VideoJob(path, entry.name, path.relative_to(videos_root).as_posix())
+                problem = _name_too_long(job, max_name)
+                if problem:
+                    skip(path, problem)
+                else:
+                    found.append(job)
+        if not found:
+            videos_skipped = any(item["path"].startswith(_shown(entry.name) + "/") for item in skipped)
+            skip(entry, "character folder with no usable video: each of its entries was skipped (see them)"
+                 if videos_skipped else
+                 f"character folder with no video file ({extensions}): add videos or remove the folder")
+        by_prefix: dict[str, VideoJob] = {}
+        for job in found:
+            if job.id_prefix in by_prefix:
+                skip(job.path, f"same name as {by_prefix[job.id_prefix].video} apart from the extension, so "
+                               f"their frame ids would collide: rename one of them")
+            else:
+                by_prefix[job.id_prefix] = job
+                jobs.append(job)
+    return jobs, skipped
+
+
+def _resized(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    height, width = image.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Frames [start, stop) of one video (stop None: to the end), decoded by one worker."""
+    job: VideoJob
+    info: VideoInfo
+    start: int
+    stop: int | None
+
+    @property
+    def seconds(self) -> float:
+        return ((self.stop or self.info.reported_frames) - self.start) / self.info.fps
+
+
+def plan_chunks(videos: list[tuple[VideoJob, VideoInfo]], n_workers: int) -> list[Chunk]:
+    """Whole videos for one worker; for several, long videos are cut into ranges of at least
+    MIN_CHUNK_SECONDS so that a few long episodes still keep every core busy.
+
+    Each cut costs one seek, which decodes from the previous keyframe (up to a few seconds of video
+    on typical TV encodes), hence the minimum length. The frames kept do not depend on the cuts.
+    """
+    def splittable(info: VideoInfo) -> bool:  # frame index <-> time needs the container's own fps
+        return n_workers > 1 and info.fps_source == "container" and info.reported_frames > 0
+
+    total_seconds = sum(info.reported_frames / info.fps for _, info in videos if splittable(info))
+    target_seconds = max(MIN_CHUNK_SECONDS, total_seconds / (CHUNKS_PER_WORKER * n_workers))
+    chunks = []
+    for job, info in videos:
+        parts = max(1, int(info.reported_frames / info.fps // target_seconds)) if splittable(info) else 1
+        bounds = [info.reported_frames * i // parts for i in range(parts)] + [None]
+        chunks.extend(Chunk(job, info, bounds[i], bounds[i + 1]) for i in range(parts))
+    return chunks
+
+
+def extract_chunk(chunk: Chunk, images_dir: Path, fps: float, max_side: int | None,
+                  jpeg_quality: int, threads: int = 0) -> dict[str, Any]:
+    """Write one chunk's sampled frames; returns its manifest rows and how far it decoded, or the error.
+
+    On failure the frames already written by this chunk are removed.
+    """
+    job, rows, written = chunk.job, [], []
+    reader = FrameReader(job.path, threads=threads, info=chunk.info)
+    try:
+        for frame in reader.sample(fps, chunk.start, chunk.stop):
+            image = _resized(frame.image, max_side)
+            row_id = frame_id(job.id_prefix, frame.timestamp)
+            path = images_dir / f"{row_id}.jpg"
+            imwrite_atomic(path, image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+            written.append(path)
+            rows.append({"id": row_id, "character": job.character, "video": job.video,
+                         "frame_index": frame.index, "timestamp": round(frame.timestamp, 6),
+                         "width": image.shape[1], "height": image.shape[0]})
+    except (CharsegError, cv2.error) as err:
+        for path in written:
+            path.unlink(missing_ok=True)
+        reason = str(err) if isinstance(err, CharsegError) else \
+            f"{job.path}: OpenCV failed to decode it ({err}): the file is damaged"
+        return {"error": reason}
+    return {"rows": rows, "reached": reader.reached}
+
+
+def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[str, Any]]],
+                  images_dir: Path, fps: float) -> dict[str, Any]:
+    """Merge a video's chunks into its manifest rows, report entry and warnings (or a skip)."""
+    errors = [result["error"] for _, result in parts if "error" in result]
+    if errors:
+        for _, result in parts:
+            for row in result.get("rows", []):
+                (images_dir / f"{row['id']}.jpg").unlink(missing_ok=True)
+        return {"skipped": {"path": job.video, "reason": errors[0]}}
+    rows = [row for _, result in parts for row in result["rows"]]
+    # The file really ends where the first chunk stopped short of its range (or where the last one ended).
+    decoded = next((result["reached"] for chunk, result in parts
+                    if chunk.stop is not None and result["reached"] < chunk.stop), parts[-1][1]["reached"])
+    truncated = looks_truncated(info, decoded)
+    warnings = []
+    if info.fps_source != "container":
+        warnings.append(f"{job.path}: the container reports {info.reported_fps:g} fps, which is not plausible; "
+                        + ("used the frames' own timestamps" if info.fps_source == "timestamps" else
+                           "its timestamps are unusable too, so a frame rate was assumed")
+                        + f" ({info.fps:.3f} fps)")
+    if fps > info.fps * (1 + 1e-6):
+        warnings.append(f"{job.path}: frames.fps {fps:g} is above the video's own {info.fps:.3f} fps, so every "
+                        f"frame was kept ({len(rows)} frames, not {fps:g} per second): lower frames.fps to "
+                        f"{info.fps:.3f} or less to silence this")
+    if truncated:
+        warnings.append(f"{job.path}: decoding stopped at frame {decoded} of {info.reported_frames} "
+                        f"({decoded / info.fps:.1f} s): the file looks truncated or damaged; the frames before "
+                        f"that were kept. Re-copy or re-encode it to get the rest")
+    entry = {"video": job.video, "character": job.character, "frames": len(rows),
+             "fps_used": round(info.fps, 6), "fps_source": info.fps_source,
+             "reported_fps": info.reported_fps if math.isfinite(info.reported_fps) else None,  # JSON has no NaN
+             "frames_decoded": decoded, "reported_frames": info.reported_frames,
+             "width": info.width, "height": info.height, "incomplete": truncated}
+    return {"rows": rows, "video": entry, "warnings": warnings}
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # parallelism comes from the processes; avoid cores x cores threads
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_chunks(chunks: list[Chunk], n_workers: int, args: tuple, progress: tqdm) -> list[dict[str, Any]]:
+    """Every chunk's extract_chunk result. Ctrl-C, or an error such as a full disk (the OSError comes out
+    as it is), stops the workers at once: see stages/lib/workers.py."""
+    parts_of = Counter(chunk.job for chunk in chunks)
+    results: list[dict[str, Any]] = [{} for _ in chunks]
+    if n_workers == 1:
+        for i, chunk in enumerate(chunks):
+            results[i] = extract_chunk(chunk, *args)
+            progress.update(1 / parts_of[chunk.job])
+        return results
+    threads = max(1, _cpu_count() // n_workers)  # ffmpeg decode threads per process
+    with WorkerPool(n_workers, processes=True, initializer=_init_worker) as pool:
+        # Longest first, so that no long chunk starts last and keeps one core busy alone.
+        order = sorted(range(len(chunks)), key=lambda i: -chunks[i].seconds)
+        futures = {pool.submit(extract_chunk, chunks[i], *args, threads): i for i in order}
+        for future in pool.as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            progress.update(1 / parts_of[chunks[i].job])
+    return results
+
+
+def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: int | None,
+                   jpeg_quality: int, workers: int = 0) -> dict[str, Any]:
+    """Build `out_dir` (images/, manifest.csv, report.json) from the videos; returns the report."""
+    videos_root, out_dir = Path(videos_root), Path(out_dir)
+    how_to = (f"put videos in {videos_root}/<character>/<name>.mp4 (one folder per character; "
+              f"{' '.join(VIDEO_EXTENSIONS)}), or run `charseg sample --out data/raw` for a small sample")
+    if not videos_root.is_dir():
+        raise CharsegError(f"videos folder {videos_root} does not exist: {how_to}")
+    jobs, skipped = discover(videos_root, name_max(out_dir.parent))
+    if not jobs:
+        for item in skipped:
+            warn(f"skipped {item['reason']}")
+        raise CharsegError(f"no videos found in {videos_root}: {how_to}")
+    videos = []
+    for job in jobs:
+        try:
+            videos.append((job, probe(job.path)))
+        except CharsegError as err:
+            skipped.append({"path": job.video, "reason": str(err)})
+
+    chunks = plan_chunks(videos, workers or _cpu_count())
+    n_workers = min(workers or _cpu_count(), max(1, len(chunks)))
+    with atomic_dir(out_dir) as tmp:
+        images_dir = tmp / "images"
+        images_dir.mkdir()
+        with tqdm(total=len(videos), desc="frames", unit="video",
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total} videos [{elapsed}<{remaining}]") as progress:
+            results = _run_chunks(chunks, n_workers, (images_dir, fps, max_side, jpeg_quality), progress)
+        rows, entries, warnings = [], [], []
+        for job, info in videos:
+            parts = [(chunk, result) for chunk, result in zip(chunks, results) if chunk.job == job]
+            merged = _video_result(job, info, parts, images_dir, fps)
+            if "skipped" in merged:
+                skipped.append(merged["skipped"])
+                continue
+            rows.extend(merged["rows"])
+            entries.append(merged["video"])
+            warnings.extend(merged["warnings"])
+        skipped.sort(key=lambda item: item["path"])
+        for item in skipped:
+            warn(f"skipped {item['reason']}")
+        for warning in warnings:
+            warn(warning)
+        if not rows:
+            reasons = "; ".join(item["reason"] for item in skipped[:3])
+            raise CharsegError(f"no frame could be extracted from the {len(jobs)} video(s) in {videos_root} "
+                               f"({reasons}): fix or replace the files listed above")
+        rows.sort(key=lambda row: row["id"])
+        write_csv(tmp / "manifest.csv", rows, FRAME_COLUMNS)
+        report = {"params": {"fps": fps, "max_side": max_side, "jpeg_quality": jpeg_quality},
+                  "videos_processed": len(entries), "frames_written": len(rows), "videos": entries,
+                  "skipped": skipped, "warnings": warnings}
+        write_json(tmp / "report.json", report)
+    return report
+
+
+def frames_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    per_character: Counter[str] = Counter()
+    for video in report["videos"]:
+        per_character[video["character"]] += video["frames"]
+    return {"videos": report["videos_processed"], "frames": report["frames_written"],
+            "skipped": len(report["skipped"]), "frames_per_character": dict(sorted(per_character.items()))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=Path, default=Path("data/raw/videos"))
+    parser.add_argument("--out", type=Path, default=Path("data/frames"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/frames.json"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    cfg = section(load_params(args.params), "frames")
+    fps = number(cfg, "fps", lo=0.001, hi=1000, where="frames")
+    max_side = None if cfg.get("max_side") is None else number(cfg, "max_side", lo=16, integer=True, where="frames")
+    jpeg_quality = number(cfg, "jpeg_quality", lo=1, hi=100, integer=True, where="frames")
+    workers = number(cfg, "workers", lo=0, integer=True, where="frames")
+
+    report = extract_frames(args.videos, args.out, fps=fps, max_side=max_side,
+                            jpeg_quality=jpeg_quality, workers=workers)
+    write_json(args.metrics, frames_metrics(report))
+    print(f"frames: {report['frames_written']} frames from {report['videos_processed']} videos -> {args.out} "
+          f"({len(report['skipped'])} skipped, {len(report['warnings'])} warnings: see {args.out / 'report.json'})")
+

@@ -1,0 +1,135 @@
+"""Where everything lives: every path and naming rule of data/, models/, dvclive/, metrics/, plots/, reports/,
+exports/ and .cache/, in one place. Stages, tools and tests ask `Layout` (or a `FramesDir` / `MasksDir`)
+instead of joining path strings, so a name changes here or nowhere.
+
+One meaning per CLI flag: `--frames` is always a frames stage output folder (images/ + manifest.csv),
+`--masks` a masks stage output folder, `--split` the split file, `--models` the folder of models/<name>/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FRAME_SUFFIX = ".jpg"  # extracted frames: small, and what the detector and the models read
+MASK_SUFFIX = ".png"   # masks: lossless 0/255
+CHECKPOINT_NAME = "best.pt"
+# The frames manifest (data/frames/manifest.csv), one row per extracted frame, sorted by id.
+FRAME_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
+# What the masks manifest (data/masks/manifest.csv) adds to each frame row.
+LABEL_COLUMNS = ("status", "n_persons", "coverage", "boxes", "box_scores", "sam_scores", "truth_dice", "note")
+
+
+@dataclass(frozen=True)
+class FramesDir:
+    """The frames stage's output: images/<id>.jpg, manifest.csv (one row per frame), report.json."""
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    def image(self, frame_id: str) -> Path:
+        return self.images / f"{frame_id}{FRAME_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class MasksDir:
+    """The masks stage's output: images/<id>.png (0/255, the frame's size), manifest.csv, report.json."""
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    def mask(self, frame_id: str) -> Path:
+        return self.images / f"{frame_id}{MASK_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The project's folders, relative to `root` (the repository root, where dvc.yaml is)."""
+    root: Path = field(default_factory=Path)
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def videos(self) -> Path:
+        """One folder per character: videos/<character>/<video>."""
+        return self.raw / "videos"
+
+    @property
+    def frames(self) -> FramesDir:
+        return FramesDir(self.root / "data" / "frames")
+
+    @property
+    def masks(self) -> MasksDir:
+        return MasksDir(self.root / "data" / "masks")
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def checkpoint(self, name: str) -> Path:
+        """models/<name>/best.pt, what train@<name> writes."""
+        return self.models / name / CHECKPOINT_NAME
+
+    @property
+    def live(self) -> Path:
+        return self.root / "dvclive"
+
+    def metrics(self, stage: str) -> Path:
+        """metrics/<stage>.json (evaluate writes a folder, metrics/evaluate/<model>.json)."""
+        return self.root / "metrics" / (stage if stage == "evaluate" else f"{stage}.json")
+
+    def plots(self, stage: str) -> Path:
+        return self.root / "plots" / stage
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def onnx(self, name: str) -> Path:
+        return self.root / "exports" / f"{name}.onnx"
+
+    @property
+    def cache(self) -> Path:
+        """Outside DVC's outputs, safe to delete: pre-resized training pairs and resume state."""
+        return self.root / ".cache"
+
+    def train_state(self, name: str) -> Path:
+        return self.cache / "train" / name
+
+
+PROJECT = Layout()
+
+
+def train_output_name(path: str | Path, model_name: str | None) -> str | None:
+    """model_name when `path` is <...>/models/<model_name>/best.pt, what train@<model_name> writes; None for
+    any other file (a checkpoint of the user's own, where retraining would not fix it)."""
+    path = Path(path)
+    if model_name and path.name == CHECKPOINT_NAME and path.parent.name == model_name and \
+            path.parent.parent.name == "models":
+        return model_name
+    return None
