@@ -9,7 +9,7 @@ are 1-1.5 MB as PNG (the seed's run prints the size it got). Every method runs i
 resident memory (ru_maxrss, native memory included) is that method's alone; "import baseline" is the
 RSS of a child that only imports the libraries. Methods:
 
-  ours        stages.frames.extract_frames as the stage runs it (workers 0 = every core: the video is
+  ours        charseg.frames.extract_frames as the stage runs it (workers 0 = every core: the video is
               cut into time chunks decoded in parallel when it is long enough): grab() every frame,
               retrieve() only the frames kept at 1 fps, JPEG
   ours-1w     the same with workers=1 (one process, no chunks)
@@ -58,13 +58,15 @@ def run_method(method: str, video: Path, out: Path) -> int:
     import cv2
 
     if method.startswith("ours"):
+        from charseg.config import FramesConfig
         from charseg.frames import extract_frames
+        from charseg.layout import FramesDir
 
         videos = out / "videos"
         (videos / "bench").mkdir(parents=True)
         (videos / "bench" / video.name).symlink_to(video.resolve())
-        report = extract_frames(videos, out / "frames", fps=1.0, max_side=None, jpeg_quality=95,
-                                workers=1 if method == "ours-1w" else 0)
+        cfg = FramesConfig(fps=1.0, max_side=None, jpeg_quality=95, workers=1 if method == "ours-1w" else 0)
+        report = extract_frames(videos, FramesDir(out / "frames"), cfg)
         return report["frames_written"]
     if method == "ffmpeg":
         subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-vf", "fps=1", "-q:v", "2",

@@ -16,7 +16,8 @@ import time
 import torch
 
 from charseg import models
-from charseg.config import load_params, section
+from charseg.config import load_config
+from charseg.device import select_device
 
 
 def step_times(model: torch.nn.Module, cfg: dict, batch_size: int, img_size: int, iters: int, warmup: int,
@@ -49,22 +50,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: params.yaml batch_size")
     parser.add_argument("--iters", type=int, default=3, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:<index>")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
-    params = load_params(args.params)
-    img_size = args.img_size or int(params["img_size"])
-    batch_size = args.batch_size or int(params["batch_size"])
-    device = torch.device(args.device)
+    params = load_config(args.params)
+    img_size = args.img_size or params.train.img_size
+    batch_size = args.batch_size or params.train.batch_size
+    device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"train step (forward + backward + AdamW), batch {batch_size} x {img_size}px, {where}, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(f"{'model':<12} {'arch':<11} {'encoder':<26} {'params (M)':>10} {'enc (M)':>8} {'step (ms)':>10} {'img/s':>7}")
-    for name, cfg in section(params, "models").items():
-        cfg = {**cfg, "encoder_weights": None}
+    for name, model_cfg in params.models().items():
+        cfg = {**model_cfg.params, "encoder_weights": None}
         models.check_img_size(cfg, img_size, name=name)
         torch.manual_seed(0)
         model = models.build_model(cfg, name=name).to(device)

@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charseg import models  # noqa: E402
-from charseg.onnx import CPU, OnnxSegmenter, export_onnx  # noqa: E402
-from charseg.config import load_params, section  # noqa: E402
+from charseg.config import load_config  # noqa: E402
+from charseg.device import ORT_CPU  # noqa: E402
+from charseg.onnx import OnnxSegmenter, export_onnx  # noqa: E402
 
 
 def median_seconds(call: Callable[[], object], iters: int, warmup: int) -> float:
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="intra-op threads for both (default: torch's choice)")
     args = parser.parse_args()
 
-    model_cfgs = section(load_params(args.params), "models")
+    model_cfgs = {name: model.params for name, model in load_config(args.params).models().items()}
     names = args.models or list(model_cfgs)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main() -> None:
                         "std": models.IMAGENET_STD, "threshold": models.THRESHOLD}
                 path = Path(tmp) / f"{name}_{size}.onnx"
                 export_onnx(model, meta, path)
-                segmenter = OnnxSegmenter(path, providers=[CPU], threads=threads)
+                segmenter = OnnxSegmenter(path, providers=[ORT_CPU], threads=threads)
                 for batch_size in args.batch_sizes:
                     batch = rng.standard_normal((batch_size, 3, size, size), dtype=np.float32)
                     tensor = torch.from_numpy(batch)

@@ -17,7 +17,7 @@ resize back + overlay + encode, .mp4 out) of:
 with the same model, batch size and threshold; speed-up = pipelined / sequential. Decode-only and
 encode-only rates of the video are printed first: the pipeline runs at about the slowest of decode,
 model and encode, the sequential loop at the sum of their times. --onnx adds ONNX Runtime rows (the
-model exported with stages/lib/onnx_model.py). Figures are printed; nothing is asserted.
+model exported with charseg.onnx.export_onnx). Figures are printed; nothing is asserted.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from charseg import predict  # noqa: E402
 from charseg import models  # noqa: E402
 from charseg.inference import Segmenter, TorchSegmenter, infer_masks, preprocess  # noqa: E402
-from charseg.config import load_params, section  # noqa: E402
+from charseg.config import load_config  # noqa: E402
+from charseg.device import ort_providers, select_device  # noqa: E402
 from charseg.video import VideoInfo, probe  # noqa: E402
 from charseg.sample import ClipSpec, render_clip  # noqa: E402
 
@@ -139,8 +140,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cfgs = section(load_params(args.params), "models")
+    device = select_device(args.device)
+    cfgs = {name: model.params for name, model in load_config(args.params).models().items()}
     names = args.models.split(",") if args.models else list(cfgs)
     width, height = map(int, args.size.lower().split("x"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -165,10 +166,10 @@ def main() -> None:
                         "threshold": THRESHOLD}
                 runtimes: list[tuple[str, Segmenter]] = []
                 if args.onnx:  # exported first, while the model is still on the CPU
-                    from charseg.onnx import OnnxSegmenter, export_onnx, providers_for
+                    from charseg.onnx import OnnxSegmenter, export_onnx
 
                     export_onnx(model, meta, tmp / f"{name}.onnx")
-                    runtimes.append(("onnxruntime", OnnxSegmenter(tmp / f"{name}.onnx", providers_for(args.device))))
+                    runtimes.append(("onnxruntime", OnnxSegmenter(tmp / f"{name}.onnx", ort_providers(args.device))))
                 runtimes.insert(0, ("torch" + (" amp" if args.amp and device.type == "cuda" else ""),
                                     TorchSegmenter(model, meta, device, amp=args.amp)))
                 for runtime, segmenter in runtimes:

@@ -5,7 +5,7 @@
 
 1. Data path. Synthetic full-size JPEG frames + PNG masks. "seed": what the original notebook did,
    decode the full-size frame and mask and resize them on every access (then the same augmentation
-   and normalisation). "charseg": stages/lib/data.py, pairs decoded once into the pre-resized cache,
+   and normalisation). "charseg": charseg/data.py, pairs decoded once into the pre-resized cache,
    normalised on the device. Reports the cold cache build, loader-only images/s, and training
    images/s with the same model (--train-model) and the same training step for both loaders.
 2. Step time of each model of params.yaml at img_size/batch_size (defaults: params.yaml), CPU unless
@@ -29,33 +29,35 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charseg import models  # noqa: E402
+from charseg.config import load_config  # noqa: E402
 from charseg.data import Augment, PairDataset, cache_pairs, normalize, read_pair, resize_pair  # noqa: E402
-from charseg.config import load_params  # noqa: E402
-from charseg.train import dice_loss, read_config  # noqa: E402
+from charseg.device import select_device  # noqa: E402
+from charseg.layout import FramesDir, MasksDir  # noqa: E402
+from charseg.train import dice_loss  # noqa: E402
 
 
 class SeedDataset(Dataset):
     """The seed's loader: full-size decode + resize on every access, normalised on the CPU."""
 
-    def __init__(self, ids: list[str], frames_dir: Path, masks_dir: Path, img_size: int, augment: Augment,
+    def __init__(self, ids: list[str], frames: FramesDir, masks: MasksDir, img_size: int, augment: Augment,
                  mean: list[float], std: list[float]) -> None:
-        self.ids, self.frames_dir, self.masks_dir, self.img_size = ids, frames_dir, masks_dir, img_size
+        self.ids, self.frames, self.masks, self.img_size = ids, frames, masks, img_size
         self.augment, self.mean, self.std = augment, np.float32(mean) * 255, np.float32(std) * 255
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = resize_pair(*read_pair(self.frames_dir, self.masks_dir, self.ids[index]), self.img_size)
+        image, mask = resize_pair(*read_pair(self.frames, self.masks, self.ids[index]), self.img_size)
         image, mask = self.augment(image, mask, np.random.default_rng(index))
         image = (image.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(mask[None].copy())
 
 
-def make_frames(root: Path, count: int, width: int, height: int) -> list[str]:
+def make_frames(frames: FramesDir, masks: MasksDir, count: int, width: int, height: int) -> list[str]:
     rng = np.random.default_rng(0)
-    (root / "frames").mkdir(parents=True)
-    (root / "masks").mkdir(parents=True)
+    frames.images.mkdir(parents=True)
+    masks.images.mkdir(parents=True)
     ids = []
     for i in range(count):
         frame_id = f"bench--clip--{i:08d}"
@@ -65,8 +67,8 @@ def make_frames(root: Path, count: int, width: int, height: int) -> list[str]:
         mask = np.zeros((height, width), np.uint8)
         cv2.ellipse(mask, (int(rng.integers(width // 4, 3 * width // 4)), height // 2),
                     (width // 10, height // 3), 0, 0, 360, 255, -1)
-        cv2.imwrite(str(root / "frames" / f"{frame_id}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        cv2.imwrite(str(root / "masks" / f"{frame_id}.png"), mask)
+        cv2.imwrite(str(frames.image(frame_id)), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(masks.mask(frame_id)), mask)
         ids.append(frame_id)
     return ids
 
@@ -125,8 +127,8 @@ def step_time(cfg: dict, img_size: int, batch_size: int, device: torch.device, s
 
 
 def main() -> None:
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    defaults = read_config(params)
+    params = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    defaults = params.train
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=64, help="synthetic frames in the data-path test")
     parser.add_argument("--frame-size", default="1280x720", help="full frame size, WIDTHxHEIGHT")
@@ -136,25 +138,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="loader-only passes over the frames")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per measurement")
     parser.add_argument("--train-model", default="pspnet", help="model of params.yaml for the data-path run")
-    parser.add_argument("--models", default=",".join(params["models"]), help="models to time, comma-separated")
+    parser.add_argument("--models", default=",".join(params.model_names), help="models to time, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device("auto")
     width, height = (int(v) for v in args.frame_size.lower().split("x"))
     print(f"device {device}, torch threads {torch.get_num_threads()}, img_size {args.img_size}, "
           f"batch_size {args.batch_size}, workers {args.workers}")
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
-        ids = make_frames(root, args.frames, width, height)
-        train_cfg = params["models"][args.train_model]
+        frames, masks = FramesDir(root / "frames"), MasksDir(root / "masks")
+        ids = make_frames(frames, masks, args.frames, width, height)
+        train_cfg = params.model_config(args.train_model).params
         mean, std = models.normalization({**train_cfg, "encoder_weights": None})
-        augment = defaults.augment
-        seed_set = SeedDataset(ids, root / "frames", root / "masks", args.img_size, augment, mean, std)
+        augment = Augment(defaults.augment)
+        seed_set = SeedDataset(ids, frames, masks, args.img_size, augment, mean, std)
         start = time.perf_counter()
-        cached = cache_pairs(ids, root / "frames", root / "masks", args.img_size, root / "cache", progress=False)
+        cached = cache_pairs(ids, frames, masks, args.img_size, root / "cache", progress=False)
         cold = time.perf_counter() - start
         ours_set = PairDataset(cached, augment, seed=0)
         print(f"\n1. data path, {args.frames} frames of {width}x{height} -> {args.img_size}px")
@@ -178,7 +181,7 @@ def main() -> None:
     print(f"\n2. train step time per model ({device}, {args.img_size}px, batch {args.batch_size}, "
           f"median of {args.steps})")
     for name in args.models.split(","):
-        seconds = step_time(params["models"][name], args.img_size, args.batch_size, device, args.steps)
+        seconds = step_time(params.model_config(name).params, args.img_size, args.batch_size, device, args.steps)
         print(f"   {name:10s} {seconds:7.3f} s/step  {args.batch_size / seconds:7.2f} img/s")
 
 

@@ -13,11 +13,10 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
 from typing import Any, Iterator
 
-from charseg.errors import CharsegError, run_cli
+from charseg.errors import CharsegError
 from charseg.config import flatten
 
 # (column header, metrics file pattern, key): the figures per model, read from `dvc exp show --json`.

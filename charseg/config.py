@@ -524,13 +524,24 @@ class Params:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise CharsegError(f"unknown model '{name}'{hint}: {self.source} 'models:' defines {', '.join(known)}")
+            raise CharsegError(f"unknown model '{name}'{hint}: {Path(self.source).name} 'models:' defines "
+                               f"{', '.join(known)}")
         cfg = self.raw["models"][name]
         if "arch" not in cfg:
             raise CharsegError(f"{self.source}: 'models.{name}.arch' is missing")
         return ModelConfig(name=name, arch=cfg["arch"], encoder=cfg.get("encoder"),
                            encoder_weights=cfg.get("encoder_weights"),
                            encoder_lr_mult=float(cfg.get("encoder_lr_mult", 1.0)), params=dict(cfg))
+
+    def value(self, key: str) -> Any:
+        """One checked value by its dotted key (`labels.keep_empty`): for a stage that needs a single key of
+        another stage's section, which a partial params file need not hold whole."""
+        node: Any = self.raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise CharsegError(f"{self.source}: '{key}' is missing")
+            node = node[part]
+        return node
 
     def models(self) -> dict[str, ModelConfig]:
         return {name: self.model_config(name) for name in self.model_names}

@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -26,21 +26,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from charseg.config import AugmentConfig
 from charseg.errors import CharsegError, require
 from charseg.io import imread, read_json, write_bytes_atomic
+from charseg.layout import FramesDir, MasksDir
 
-FRAME_SUFFIX = ".jpg"
-MASK_SUFFIX = ".png"
 # Bump when resize_pair or the cached layout changes: old cache files then simply stop matching.
 CACHE_FORMAT = 1
-
-
-def frame_path(frames_dir: str | Path, frame_id: str) -> Path:
-    return Path(frames_dir) / f"{frame_id}{FRAME_SUFFIX}"
-
-
-def mask_path(masks_dir: str | Path, frame_id: str) -> Path:
-    return Path(masks_dir) / f"{frame_id}{MASK_SUFFIX}"
 
 
 def read_split(path: str | Path) -> tuple[list[str], list[str]]:
@@ -62,12 +54,12 @@ def read_split(path: str | Path) -> tuple[list[str], list[str]]:
     return sides["train"], sides["val"]
 
 
-def read_pair(frames_dir: str | Path, masks_dir: str | Path, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(frames: FramesDir, masks: MasksDir, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
     """A full-size frame as RGB uint8 (H, W, 3) and its mask as bool (H, W)."""
-    mask_file = mask_path(masks_dir, frame_id)
+    mask_file = masks.mask(frame_id)
     if not mask_file.is_file():
         raise CharsegError(f"frame '{frame_id}' has no mask {mask_file}: re-run the masks stage (dvc repro masks)")
-    image = cv2.cvtColor(imread(frame_path(frames_dir, frame_id), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(imread(frames.image(frame_id), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     mask = imread(mask_file, cv2.IMREAD_GRAYSCALE)
     require(mask.shape == image.shape[:2],
             f"{mask_file} is {mask.shape[1]}x{mask.shape[0]} but its frame is {image.shape[1]}x{image.shape[0]}: "
@@ -103,27 +95,25 @@ def _pair_key(image_bytes: bytes, mask_bytes: bytes, img_size: int) -> str:
     return digest.hexdigest()
 
 
-def cache_pairs(ids: Sequence[str], frames_dir: str | Path, masks_dir: str | Path, img_size: int,
+def cache_pairs(ids: Sequence[str], frames: FramesDir, masks: MasksDir, img_size: int,
                 cache_dir: str | Path, workers: int = 0, progress: bool = True) -> list[Path]:
     """The cache file of each id (H, W, 4 uint8: RGB + 0/1 mask), decoding only pairs not cached yet.
 
     Frames and masks are paired by id; a missing file of either kind is an error naming one of the ids.
     workers: decoding threads (OpenCV and hashing release the GIL); 0 = one per CPU core.
     """
-    frames_dir, masks_dir = Path(frames_dir), Path(masks_dir)
-    missing = [i for i in ids if not (frame_path(frames_dir, i).is_file() and mask_path(masks_dir, i).is_file())]
+    missing = [i for i in ids if not (frames.image(i).is_file() and masks.mask(i).is_file())]
     if missing:
-        raise CharsegError(f"{len(missing)} of {len(ids)} frame id(s) lack a frame in {frames_dir} or a mask in "
-                           f"{masks_dir} (e.g. '{missing[0]}'): re-run the stages that write them (dvc repro)")
+        raise CharsegError(f"{len(missing)} of {len(ids)} frame id(s) lack a frame in {frames.images} or a mask in "
+                           f"{masks.images} (e.g. '{missing[0]}'): re-run the stages that write them (dvc repro)")
     out_dir = Path(cache_dir) / f"pairs-{img_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def cache_one(frame_id: str) -> Path:
-        key = _pair_key(frame_path(frames_dir, frame_id).read_bytes(),
-                        mask_path(masks_dir, frame_id).read_bytes(), img_size)
+        key = _pair_key(frames.image(frame_id).read_bytes(), masks.mask(frame_id).read_bytes(), img_size)
         path = out_dir / f"{key}.npy"
         if not path.is_file():
-            image, mask = resize_pair(*read_pair(frames_dir, masks_dir, frame_id), img_size)
+            image, mask = resize_pair(*read_pair(frames, masks, frame_id), img_size)
             buffer = io.BytesIO()
             np.save(buffer, np.dstack([image, mask]))
             write_bytes_atomic(path, buffer.getvalue())
@@ -141,38 +131,37 @@ def has_foreground(cached: Sequence[Path]) -> bool:
 
 @dataclass(frozen=True)
 class Augment:
-    """Train-side augmentation, applied to frame and mask together so they stay aligned.
+    """Train-side augmentation by the amounts of params.yaml `train.augment`, applied to frame and mask
+    together so they stay aligned.
 
     hflip: probability of a horizontal flip; scale: zoom drawn from [1-scale, 1+scale];
     shift: translation drawn from +-shift * img_size on each axis; color: brightness, contrast and
     saturation factors drawn from [1-color, 1+color]. Zero turns a part off.
     """
-    hflip: float
-    scale: float
-    shift: float
-    color: float
+    amounts: AugmentConfig
 
     def __call__(self, image: np.ndarray, mask: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        amounts = self.amounts
         # Draw every number up front so one item's randomness never depends on which parts are on.
         flip, zoom, shift_x, shift_y, brightness, contrast, saturation = rng.random(7)
-        if flip < self.hflip:
+        if flip < amounts.hflip:
             image, mask = image[:, ::-1], mask[:, ::-1]
-        if self.scale or self.shift:
+        if amounts.scale or amounts.shift:
             size = image.shape[0]
-            zoom = 1 + self.scale * (2 * zoom - 1)
+            zoom = 1 + amounts.scale * (2 * zoom - 1)
             center = (size - 1) / 2
-            offset_x = center * (1 - zoom) + self.shift * (2 * shift_x - 1) * size
-            offset_y = center * (1 - zoom) + self.shift * (2 * shift_y - 1) * size
+            offset_x = center * (1 - zoom) + amounts.shift * (2 * shift_x - 1) * size
+            offset_y = center * (1 - zoom) + amounts.shift * (2 * shift_y - 1) * size
             warp = np.array([[zoom, 0, offset_x], [0, zoom, offset_y]], dtype=np.float32)
             image = cv2.warpAffine(np.ascontiguousarray(image), warp, (size, size), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REFLECT_101)
             mask = cv2.warpAffine(np.ascontiguousarray(mask), warp, (size, size), flags=cv2.INTER_NEAREST,
                                   borderMode=cv2.BORDER_REFLECT_101)
-        if self.color:
+        if amounts.color:
             # saturation s (blend with grey), contrast c (about the mean grey m), brightness b, fused into
             # b*c*s*x + b*c*(1-s)*grey + b*(1-c)*m: one rounded, saturated uint8 pass (a float chain is 10x slower)
-            s, c, b = (1 + self.color * (2 * u - 1) for u in (saturation, contrast, brightness))
+            s, c, b = (1 + amounts.color * (2 * u - 1) for u in (saturation, contrast, brightness))
             image = np.ascontiguousarray(image)
             grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
             image = cv2.addWeighted(image, b * c * s, cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), b * c * (1 - s),
@@ -214,8 +203,18 @@ def loader_worker_init(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 RGB batch (B, 3, H, W) -> float model input; mean/std are on the 0-1 scale (models.normalization)."""
+Batch = TypeVar("Batch", torch.Tensor, np.ndarray)
+
+
+def normalize(images: Batch, mean: Sequence[float], std: Sequence[float]) -> Batch:
+    """RGB batch (B, 3, H, W; uint8 0-255, or float on that scale) -> float32 model input, the same formula in
+    training (a torch tensor, on its device) and at inference (a numpy array in, a numpy array out).
+    mean/std are on the 0-1 scale (models.normalization)."""
+    if isinstance(images, np.ndarray):
+        array = np.ascontiguousarray(images)
+        # torch.from_numpy shares memory (no copy) and warns about a read-only array (a memory map): copy that one
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        return normalize(tensor, mean, std).numpy()
     scale = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
     shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - shift) / scale

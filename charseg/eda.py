@@ -1,20 +1,19 @@
-"""Look at the extracted frames before labelling them: balance, sizes, samples and bad frames.
+"""Look at the extracted frames before labelling them: balance, sizes, samples and bad frames (the library of
+the `eda` stage; stages/eda.py runs `run_eda`).
 
-Reads data/frames/manifest.csv and every frame it lists (grayscale statistics streamed through a
-bounded thread pool, so memory does not grow with the images), and writes into --plots:
+Reads a FramesDir's manifest.csv and every frame it lists (grayscale statistics streamed through a
+bounded thread pool, so memory does not grow with the images), and writes into the plots folder:
 
     frames_per_character.csv   character,frames          (dvc plots: bar_horizontal)
     frame_sizes.csv            width,height,frames       (how many frames have each size)
     flagged_frames.csv         near-black / near-uniform frames, with their image paths
     images/frames_per_character.png, images/frame_sizes.png, images/samples_<character>.png
 
-plus flat, numbers-only metrics (--metrics) for `dvc metrics show`.
+plus flat, numbers-only metrics for `dvc metrics show`. Settings: EdaConfig (params.yaml `eda:`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from charseg.errors import CharsegError, run_cli
+from charseg.config import EdaConfig
+from charseg.errors import CharsegError
 from charseg.io import atomic_dir, imread, read_manifest, slugify, write_csv, write_json
-from charseg.config import load_params, number, section
-from charseg.workers import WorkerPool
+from charseg.layout import FramesDir
+from charseg.workers import WorkerPool, cpu_count
 
 MANIFEST_COLUMNS = ("id", "character", "video", "timestamp")
 # Frames in flight at once: enough to keep every thread busy, small enough that memory stays flat.
@@ -45,13 +45,8 @@ class FrameStats:
     std: float
 
 
-def cpu_count() -> int:
-    """CPUs this process may use (a container's limit, not the host's core count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def read_frames_manifest(frames_dir: Path) -> list[dict[str, Any]]:
-    return read_manifest(frames_dir / "manifest.csv", MANIFEST_COLUMNS)
+def read_frames_manifest(frames: FramesDir) -> list[dict[str, Any]]:
+    return read_manifest(frames.manifest, MANIFEST_COLUMNS)
 
 
 def gray_stats(path: Path) -> FrameStats:
@@ -63,7 +58,7 @@ def gray_stats(path: Path) -> FrameStats:
 def stream_stats(paths: list[Path], workers: int) -> Iterator[FrameStats]:
     """Stats of each path in order; decoding runs in threads (OpenCV releases the GIL), at most
     FRAMES_PER_BATCH frames in flight. Ctrl-C or an unreadable frame cancels the queued frames at once
-    instead of decoding them first (stages/lib/workers.py)."""
+    instead of decoding them first (charseg/workers.py)."""
     with WorkerPool(workers, processes=False) as pool:
         yield from pool.map(gray_stats, paths, window=FRAMES_PER_BATCH)
 
@@ -94,13 +89,17 @@ def pick_samples(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]
     return picked
 
 
-def summarize(rows: list[dict[str, Any]], stats: list[FrameStats], dark_mean: float,
-              uniform_std: float) -> dict[str, float | int]:
+def flags(stats: FrameStats, cfg: EdaConfig) -> tuple[bool, bool]:
+    """(near-black, near-uniform): the frame's mean is below eda.dark_mean, its std below eda.uniform_std."""
+    return stats.mean < cfg.dark_mean, stats.std < cfg.uniform_std
+
+
+def summarize(rows: list[dict[str, Any]], stats: list[FrameStats], cfg: EdaConfig) -> dict[str, float | int]:
     """Numbers-only, flat metrics; per-character values under 'per_character/<name>/<what>'."""
     frames = Counter(r["character"] for r in rows)
     videos = Counter(character for character, _ in {(r["character"], r["video"]) for r in rows})
-    dark = Counter(r["character"] for r, s in zip(rows, stats) if s.mean < dark_mean)
-    uniform = Counter(r["character"] for r, s in zip(rows, stats) if s.std < uniform_std)
+    dark = Counter(r["character"] for r, s in zip(rows, stats) if flags(s, cfg)[0])
+    uniform = Counter(r["character"] for r, s in zip(rows, stats) if flags(s, cfg)[1])
     widths = [s.width for s in stats]
     heights = [s.height for s in stats]
     n = len(rows)
@@ -187,14 +186,14 @@ def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], images_dir: Path,
+def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], frames: FramesDir,
                  total_frames: int, total_videos: int) -> None:
     cols = min(4, len(samples))
     rows = -(-len(samples) // cols)
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.6), layout="constrained")
     fig.suptitle(f"{character}: {len(samples)} of {total_frames} frames from {total_videos} video(s)")
     for i, row in enumerate(samples):
-        image = _shrunk(imread(images_dir / f"{row['id']}.jpg"), SAMPLE_MAX_SIDE)
+        image = _shrunk(imread(frames.image(row["id"])), SAMPLE_MAX_SIDE)
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         ax.set_title(row["id"], fontsize=7)
@@ -202,67 +201,64 @@ def plot_samples(path: Path, character: str, samples: list[dict[str, Any]], imag
     fig.savefig(path, dpi=100)
 
 
-def run_eda(frames_dir: Path, plots_dir: Path, metrics_path: Path, samples_per_character: int,
-            dark_mean: float, uniform_std: float, workers: int) -> dict[str, float | int]:
-    rows = read_frames_manifest(frames_dir)
-    images_dir = frames_dir / "images"
-    paths = [images_dir / f"{row['id']}.jpg" for row in rows]
+def frame_stats(frames: FramesDir, rows: list[dict[str, Any]], workers: int) -> list[FrameStats]:
+    """FrameStats of every row's image, in order, with a progress bar; an unreadable frame is named."""
     stats: list[FrameStats] = []
     try:
         # closing(): a KeyboardInterrupt raised here (between two frames) stops the pool now, not when the
         # generator happens to be garbage-collected.
-        with contextlib.closing(stream_stats(paths, workers)) as stream:
-            for frame_stats in tqdm(stream, total=len(paths), desc="eda: frame stats", unit="frame"):
-                stats.append(frame_stats)
+        with contextlib.closing(stream_stats([frames.image(row["id"]) for row in rows], workers)) as stream:
+            for one in tqdm(stream, total=len(rows), desc="eda: frame stats", unit="frame"):
+                stats.append(one)
     except CharsegError as err:
-        raise CharsegError(f"{frames_dir / 'manifest.csv'} lists a frame that cannot be read: {err}") from None
+        raise CharsegError(f"{frames.manifest} lists a frame that cannot be read: {err}") from None
+    return stats
 
-    metrics = summarize(rows, stats, dark_mean, uniform_std)
-    frames = Counter(r["character"] for r in rows)
-    flagged_rows = [(r, s) for r, s in zip(rows, stats) if s.mean < dark_mean or s.std < uniform_std]
-    flagged = Counter(r["character"] for r, _ in flagged_rows)
+
+def write_tables(out: Path, rows: list[dict[str, Any]], stats: list[FrameStats], frames: FramesDir,
+                 cfg: EdaConfig) -> None:
+    """frames_per_character.csv, frame_sizes.csv and flagged_frames.csv into `out`."""
+    per_character = Counter(r["character"] for r in rows)
     sizes = Counter((s.width, s.height) for s in stats)
+    write_csv(out / "frames_per_character.csv",
+              ({"character": c, "frames": n} for c, n in sorted(per_character.items(), key=lambda kv: (-kv[1], kv[0]))),
+              ["character", "frames"])
+    write_csv(out / "frame_sizes.csv",
+              ({"width": w, "height": h, "frames": n} for (w, h), n in sorted(sizes.items())),
+              ["width", "height", "frames"])
+    flagged = sorted(((r, s) for r, s in zip(rows, stats) if any(flags(s, cfg))), key=lambda rs: rs[0]["id"])
+    write_csv(out / "flagged_frames.csv",
+              ({"id": r["id"], "character": r["character"], "video": r["video"], "timestamp": r["timestamp"],
+                "mean": round(s.mean, 2), "std": round(s.std, 2), "near_black": int(flags(s, cfg)[0]),
+                "near_uniform": int(flags(s, cfg)[1]), "image": frames.image(r["id"]).as_posix()}
+               for r, s in flagged),
+              ["id", "character", "video", "timestamp", "mean", "std", "near_black", "near_uniform", "image"])
+
+
+def write_images(out: Path, rows: list[dict[str, Any]], stats: list[FrameStats], frames: FramesDir,
+                 cfg: EdaConfig) -> None:
+    """The PNGs under `out`: frames per character, frame sizes and one sample grid per character."""
+    out.mkdir()
+    flagged = Counter(r["character"] for r, s in zip(rows, stats) if any(flags(s, cfg)))
+    plot_frames_per_character(out / "frames_per_character.png", Counter(r["character"] for r in rows), flagged)
+    plot_frame_sizes(out / "frame_sizes.png", Counter((s.width, s.height) for s in stats))
+    by_character: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_character[row["character"]].append(row)
+    for character in tqdm(sorted(by_character), desc="eda: sample grids", unit="character"):
+        char_rows = by_character[character]
+        plot_samples(out / f"samples_{slugify(character)}.png", character,
+                     pick_samples(char_rows, cfg.samples_per_character), frames,
+                     len(char_rows), len({r["video"] for r in char_rows}))
+
+
+def run_eda(frames: FramesDir, plots_dir: Path, metrics_path: Path, cfg: EdaConfig) -> dict[str, float | int]:
+    """Write the tables and images into `plots_dir` (all or nothing) and the metrics; returns the metrics."""
+    rows = read_frames_manifest(frames)
+    stats = frame_stats(frames, rows, cfg.workers or cpu_count())
+    metrics = summarize(rows, stats, cfg)
     with atomic_dir(plots_dir) as out:
-        write_csv(out / "frames_per_character.csv",
-                  ({"character": c, "frames": n} for c, n in sorted(frames.items(), key=lambda kv: (-kv[1], kv[0]))),
-                  ["character", "frames"])
-        write_csv(out / "frame_sizes.csv",
-                  ({"width": w, "height": h, "frames": n} for (w, h), n in sorted(sizes.items())),
-                  ["width", "height", "frames"])
-        write_csv(out / "flagged_frames.csv",
-                  ({"id": r["id"], "character": r["character"], "video": r["video"], "timestamp": r["timestamp"],
-                    "mean": round(s.mean, 2), "std": round(s.std, 2), "near_black": int(s.mean < dark_mean),
-                    "near_uniform": int(s.std < uniform_std), "image": (images_dir / f"{r['id']}.jpg").as_posix()}
-                   for r, s in sorted(flagged_rows, key=lambda rs: rs[0]["id"])),
-                  ["id", "character", "video", "timestamp", "mean", "std", "near_black", "near_uniform", "image"])
-        (out / "images").mkdir()
-        plot_frames_per_character(out / "images" / "frames_per_character.png", frames, flagged)
-        plot_frame_sizes(out / "images" / "frame_sizes.png", sizes)
-        by_character: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for row in rows:
-            by_character[row["character"]].append(row)
-        for character in tqdm(sorted(by_character), desc="eda: sample grids", unit="character"):
-            char_rows = by_character[character]
-            plot_samples(out / "images" / f"samples_{slugify(character)}.png", character,
-                         pick_samples(char_rows, samples_per_character), images_dir,
-                         len(char_rows), len({r["video"] for r in char_rows}))
+        write_tables(out, rows, stats, frames, cfg)
+        write_images(out / "images", rows, stats, frames, cfg)
     write_json(metrics_path, metrics)
     return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=Path, default=Path("data/frames"),
-                        help="frames stage output (manifest.csv + images/)")
-    parser.add_argument("--plots", type=Path, default=Path("plots/eda"), help="output folder for tables and images")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/eda.json"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    cfg = section(load_params(args.params), "eda")
-    workers = number(cfg, "workers", lo=0, integer=True, where="eda")
-    run_eda(args.frames, args.plots, args.metrics,
-            samples_per_character=number(cfg, "samples_per_character", lo=1, integer=True, where="eda"),
-            dark_mean=number(cfg, "dark_mean", lo=0, hi=255, where="eda"),
-            uniform_std=number(cfg, "uniform_std", lo=0, hi=255, where="eda"),
-            workers=workers or cpu_count())
-

@@ -1,6 +1,6 @@
-"""Compare the trained models of params.yaml `models:` on the validation frames: `python -m stages.evaluate`.
+"""Compare trained models on the validation frames: the library of the DVC stage `evaluate` (stages/evaluate.py).
 
-Each `models/<name>/best.pt` predicts every validation frame at its checkpoint's img_size; the
+Each `<models>/<name>/best.pt` predicts every validation frame at its checkpoint's img_size; the
 probabilities are resized back to the frame's own size before thresholding, so every model is scored
 against the same full-size masks. Scores: Dice and IoU over the whole set (pixel counts summed) and
 per image (mean), precision, recall, boundary F1 within `evaluate.boundary_tolerance_px`, Dice per
@@ -8,23 +8,22 @@ character, parameter count, and latency per frame on this device (resize + forwa
 batch of one, median after `evaluate.latency_warmup` frames).
 
 The validation masks are the pipeline's own labels (weak labels, unless imported); with
-`evaluate.truth_dir` set (the sample: data/raw/truth), every model is also scored against those exact
-masks, found through the frame's video and frame index.
+`labels.truth_dir` set (the sample: data/raw/truth), every model is also scored against those exact
+masks, found like imported masks (charseg.labels.imported.mask_files, through `labels.mask_index`).
 
 Writes metrics/evaluate/<name>.json (numbers only: dvc metrics show/diff), reports/comparison.md and
 .csv (ranked by Dice), and plots/evaluate/: metrics.png (a bar chart per metric), dice_per_character.png,
-and qualitative.png, a grid of the same validation frames across all models (green: true positive, red: false positive, blue:
-false negative).
+and qualitative.png, a grid of the same validation frames across all models (green: true positive, red:
+false positive, blue: false negative). Figures are saved one way, `_save` (an atomic png write).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
@@ -34,14 +33,16 @@ from matplotlib.patches import Patch
 from tqdm import tqdm
 
 from charseg import metrics
+from charseg.config import EvaluateConfig, ModelConfig
 from charseg.data import read_pair, read_split
 from charseg.device import select_device
-from charseg.errors import CharsegError, require, run_cli
+from charseg.errors import CharsegError, require
 from charseg.inference import TorchSegmenter, predict_proba
-from charseg.io import atomic_dir, read_csv, write_bytes_atomic, write_csv, write_json, write_text_atomic
-from charseg.labels import read_binary_mask
-from charseg.config import load_params, number, section
+from charseg.io import atomic_dir, read_manifest, write_bytes_atomic, write_csv, write_json, write_text_atomic
+from charseg.labels.imported import mask_files, read_binary_mask
+from charseg.layout import FramesDir, MasksDir, checkpoint_in
 
+TRUTH_KEY = "labels.truth_dir"
 GRID_THUMB_HEIGHT = 180
 OVERLAY = {"true positive": (0, 200, 0), "false positive": (230, 0, 0), "false negative": (0, 90, 255)}  # RGB
 # (metrics key, table header, format); the order of the comparison table and the bar charts.
@@ -53,26 +54,6 @@ TRUTH_COLUMNS = COLUMNS[:7]
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    boundary_tolerance_px: float
-    latency_warmup: int
-    grid_frames: int
-    truth_dir: Path | None
-
-
-def read_config(params: dict[str, Any]) -> EvalConfig:
-    cfg = section(params, "evaluate")
-    truth_dir = cfg.get("truth_dir")
-    require(truth_dir is None or isinstance(truth_dir, str),
-            f"params.yaml: 'evaluate.truth_dir' must be a folder path or null, got {truth_dir!r}")
-    return EvalConfig(
-        boundary_tolerance_px=number(cfg, "boundary_tolerance_px", lo=0, where="evaluate"),
-        latency_warmup=number(cfg, "latency_warmup", lo=0, integer=True, where="evaluate"),
-        grid_frames=number(cfg, "grid_frames", lo=0, integer=True, where="evaluate"),
-        truth_dir=Path(truth_dir) if truth_dir else None)
-
-
-@dataclass(frozen=True)
 class Frame:
     id: str
     character: str
@@ -81,8 +62,9 @@ class Frame:
 
 
 def read_val_frames(split: Path, manifest: Path) -> list[Frame]:
+    """The validation frames of split.json, with what the frames manifest says of each."""
     _, val_ids = read_split(split)
-    rows = {row["id"]: row for row in read_csv(manifest)}
+    rows = {row["id"]: row for row in read_manifest(manifest, required=("id", "character", "video", "frame_index"))}
     missing = [i for i in val_ids if i not in rows]
     if missing:
         raise CharsegError(f"{len(missing)} validation id(s) of {split} are not in {manifest} (e.g. "
@@ -90,16 +72,23 @@ def read_val_frames(split: Path, manifest: Path) -> list[Frame]:
     return [Frame(i, rows[i]["character"], rows[i]["video"], int(rows[i]["frame_index"])) for i in val_ids]
 
 
-def truth_masks(truth_dir: Path, frames: list[Frame]) -> dict[str, Path]:
-    """The exact mask of every validation frame, via truth_dir/index.csv (video, frame_index, mask)."""
-    index = {(row["video"], int(row["frame_index"])): truth_dir / row["mask"]
-             for row in read_csv(truth_dir / "index.csv")}
-    missing = [f for f in frames if (f.video, f.frame_index) not in index]
-    if missing:
-        raise CharsegError(f"evaluate.truth_dir: {truth_dir}/index.csv has no mask for {len(missing)} validation "
-                           f"frame(s) (e.g. {missing[0].video} frame {missing[0].frame_index}): point it at the "
-                           f"truth of these videos, or set evaluate.truth_dir: null")
-    return {f.id: index[(f.video, f.frame_index)] for f in frames}
+def truth_files(truth_dir: Path, mask_index: str | None, frames: list[Frame]) -> dict[str, Path]:
+    """The exact mask of every validation frame in truth_dir (through its index CSV `mask_index` when there is
+    one, else <frame id>.png); a frame without one, or a mask file that is not there, is an error naming it."""
+    rows = [{"id": f.id, "video": f.video, "frame_index": str(f.frame_index)} for f in frames]
+    found = mask_files(truth_dir, mask_index, rows, key=TRUTH_KEY)
+    unlisted = [f for f in frames if f.id not in found]
+    if unlisted:
+        index = truth_dir / mask_index if mask_index else None
+        raise CharsegError(f"{TRUTH_KEY}: {index if index is not None and index.is_file() else truth_dir} has no "
+                           f"mask for {len(unlisted)} validation frame(s) (e.g. {unlisted[0].video} frame "
+                           f"{unlisted[0].frame_index}): point it at the truth of these videos, or set "
+                           f"{TRUTH_KEY}: null")
+    absent = [path for path in found.values() if not path.is_file()]
+    if absent:
+        raise CharsegError(f"{TRUTH_KEY}: {truth_dir} lacks the mask file of {len(absent)} validation frame(s) "
+                           f"(e.g. {absent[0]}): restore them, or set {TRUTH_KEY}: null")
+    return found
 
 
 @dataclass
@@ -159,67 +148,104 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarr
     return out.astype(np.uint8)
 
 
-def evaluate(model_cfgs: dict[str, dict[str, Any]], cfg: EvalConfig, *, split: Path, manifest: Path,
-             frames_dir: Path, masks_dir: Path, checkpoints_dir: Path, metrics_dir: Path, reports_dir: Path,
-             plots_dir: Path, device: str = "auto", progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Score every model, write all outputs; returns {model name: its metrics}."""
-    require(model_cfgs, "params.yaml 'models:' is empty: there is nothing to evaluate")
-    torch_device = select_device(device)
-    frames = read_val_frames(split, manifest)
-    truth = truth_masks(cfg.truth_dir, frames) if cfg.truth_dir else {}
-    loaded = {}
-    for name, model_cfg in model_cfgs.items():  # all checkpoints first: a missing one fails before hours of work
-        require(isinstance(model_cfg, dict) and "arch" in model_cfg,
-                f"params.yaml: models.{name} must be a mapping with an 'arch' key")
-        loaded[name] = TorchSegmenter.from_checkpoint(checkpoints_dir / name / "best.pt", model_name=name,
-                                                      expect_arch=model_cfg["arch"], device=torch_device)
-    scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded}
-    truth_scores = {name: Scores(cfg.boundary_tolerance_px) for name in loaded} if truth else {}
-    latency_ms: dict[str, list[float]] = {name: [] for name in loaded}
-    shown = set(grid_ids(frames, cfg.grid_frames))
-    grid: list[dict[str, Any]] = []
+@dataclass(frozen=True)
+class Truth:
+    """The exact masks to score against besides the pipeline's labels: labels.truth_dir and labels.mask_index."""
+    folder: Path
+    mask_index: str | None = None
 
+
+@dataclass
+class Run:
+    """What scoring the validation frames gathered: scores per model, latency, and the qualitative grid."""
+    scores: dict[str, Scores]
+    truth_scores: dict[str, Scores]
+    latency_ms: dict[str, list[float]]
+    grid: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(models: Mapping[str, ModelConfig], cfg: EvaluateConfig, *, split: Path, frames: FramesDir,
+             masks: MasksDir, models_dir: Path, metrics_dir: Path, reports_dir: Path, plots_dir: Path,
+             truth: Truth | None = None, device: str = "auto", progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score every model on the validation frames, write all outputs; returns {model name: its metrics}."""
+    require(models, "params.yaml 'models:' is empty: there is nothing to evaluate")
+    torch_device = select_device(device)
+    val = read_val_frames(split, frames.manifest)
+    exact = truth_files(truth.folder, truth.mask_index, val) if truth else {}
+    loaded = load_models(models, models_dir, torch_device)
+    run = score_frames(loaded, val, frames, masks, exact, cfg, progress=progress)
+    results = summarize(loaded, run, cfg, len(val))
+    write_outputs(results, loaded, cfg, truth, torch_device, len(val), run.grid, metrics_dir=metrics_dir,
+                  reports_dir=reports_dir, plots_dir=plots_dir)
+    return results
+
+
+def load_models(models: Mapping[str, ModelConfig], models_dir: Path,
+                device: torch.device) -> dict[str, TorchSegmenter]:
+    """Every checkpoint first: a missing or wrong one fails before hours of scoring."""
+    return {name: TorchSegmenter.from_checkpoint(checkpoint_in(models_dir, name), model_name=name,
+                                                 expect_arch=model.arch, device=device)
+            for name, model in models.items()}
+
+
+def score_frames(loaded: dict[str, TorchSegmenter], frames: list[Frame], frames_dir: FramesDir,
+                 masks_dir: MasksDir, truth: dict[str, Path], cfg: EvaluateConfig, *, progress: bool = True) -> Run:
+    """Every model on every frame: scores against the labels (and the exact truth), latency, grid thumbnails."""
+    run = Run(scores={name: Scores(cfg.boundary_tolerance_px) for name in loaded},
+              truth_scores={name: Scores(cfg.boundary_tolerance_px) for name in loaded} if truth else {},
+              latency_ms={name: [] for name in loaded})
+    shown = set(grid_ids(frames, cfg.grid_frames))
     for frame in tqdm(frames, desc="evaluate", unit="frame", disable=not progress):
         image, target = read_pair(frames_dir, masks_dir, frame.id)
-        exact = read_binary_mask(truth[frame.id], None, key="evaluate.truth_dir") > 0 if truth else None
+        exact = read_binary_mask(truth[frame.id], None, key=TRUTH_KEY) > 0 if truth else None
         row = {"frame": frame, "image": thumbnail(image), "target": thumbnail(target.astype(np.uint8)) > 0,
                "preds": {}}
         for name, segmenter in loaded.items():
             start = time.perf_counter()
             probs = predict_proba(segmenter, image)
             pred = probs > segmenter.meta["threshold"]
-            latency_ms[name].append((time.perf_counter() - start) * 1000)  # .cpu() waited for the GPU
-            scores[name].add(pred, target, frame.character)
+            run.latency_ms[name].append((time.perf_counter() - start) * 1000)  # .cpu() waited for the GPU
+            run.scores[name].add(pred, target, frame.character)
             if exact is not None:
                 if exact.shape != pred.shape:  # frames.max_side shrank the frames; score at truth size
                     probs = cv2.resize(probs, exact.shape[::-1], interpolation=cv2.INTER_LINEAR)
-                truth_scores[name].add(probs > segmenter.meta["threshold"], exact, frame.character)
+                run.truth_scores[name].add(probs > segmenter.meta["threshold"], exact, frame.character)
             if frame.id in shown:
                 row["preds"][name] = thumbnail(pred.astype(np.uint8)) > 0
         if frame.id in shown:
-            grid.append(row)
+            run.grid.append(row)
+    return run
 
+
+def summarize(loaded: dict[str, TorchSegmenter], run: Run, cfg: EvaluateConfig,
+              n_frames: int) -> dict[str, dict[str, Any]]:
+    """{model name: its metrics}, what metrics/evaluate/<name>.json holds."""
     results = {}
     for name, segmenter in loaded.items():
-        timings = latency_ms[name][cfg.latency_warmup:] or latency_ms[name]  # fewer frames than warm-up: all
-        results[name] = {**scores[name].summary(),
+        timings = run.latency_ms[name][cfg.latency_warmup:] or run.latency_ms[name]  # fewer frames than warm-up: all
+        results[name] = {**run.scores[name].summary(),
                          "parameters_m": sum(p.numel() for p in segmenter.model.parameters()) / 1e6,
                          "latency_ms": float(np.median(timings)), "latency_ms_p90": float(np.percentile(timings, 90)),
-                         "frames": len(frames), "best_epoch": segmenter.meta["epoch"]}
-        if truth_scores:
-            results[name]["truth"] = truth_scores[name].summary()
-    ranked = sorted(results, key=lambda n: (-results[n]["dice"], n))
+                         "frames": n_frames, "best_epoch": segmenter.meta["epoch"]}
+        if run.truth_scores:
+            results[name]["truth"] = run.truth_scores[name].summary()
+    return results
 
+
+def write_outputs(results: dict[str, dict[str, Any]], loaded: dict[str, TorchSegmenter], cfg: EvaluateConfig,
+                  truth: Truth | None, device: torch.device, n_frames: int, grid: list[dict[str, Any]], *,
+                  metrics_dir: Path, reports_dir: Path, plots_dir: Path) -> None:
+    """metrics/evaluate/<name>.json, reports/comparison.md and .csv, plots/evaluate/*.png; models ranked by Dice."""
+    ranked = sorted(results, key=lambda n: (-results[n]["dice"], n))
     with atomic_dir(metrics_dir) as tmp:
         for name in ranked:
             write_json(tmp / f"{name}.json", results[name])
     write_comparison(reports_dir, ranked, results, {n: s.meta for n, s in loaded.items()}, cfg,
-                     torch_device, len(frames))
+                     truth.folder if truth else None, device, n_frames)
     with atomic_dir(plots_dir) as tmp:
-        plot_bars(tmp, ranked, results, bool(truth_scores))
+        plot_bars(tmp, ranked, results, any("truth" in r for r in results.values()))
         if grid:
             plot_grid(tmp / "qualitative.png", grid, ranked)
-    return results
 
 
 def _device_name(device: torch.device) -> str:
@@ -228,7 +254,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def write_comparison(reports_dir: Path, ranked: list[str], results: dict[str, dict[str, Any]],
-                     metas: dict[str, dict[str, Any]], cfg: EvalConfig, device: torch.device, n_frames: int) -> None:
+                     metas: dict[str, dict[str, Any]], cfg: EvaluateConfig, truth_dir: Path | None,
+                     device: torch.device, n_frames: int) -> None:
     characters = sorted({c for r in results.values() for c in r["dice_per_character"]})
     has_truth = all("truth" in r for r in results.values())
     rows = []
@@ -262,7 +289,7 @@ def write_comparison(reports_dir: Path, ranked: list[str], results: dict[str, di
               [[row["model"]] + [format(row[f"dice[{c}]"], ".4f") if row[f"dice[{c}]"] != "" else "-"
                                  for c in characters] for row in rows]), ""]
     if has_truth:
-        text += [f"## Against the exact ground truth ({cfg.truth_dir})", "",
+        text += [f"## Against the exact ground truth ({truth_dir})", "",
                  table(["Model"] + [h for _, h, _ in TRUTH_COLUMNS],
                        [[row["model"]] + [format(row[f"truth_{key}"], fmt) for key, _, fmt in TRUTH_COLUMNS]
                         for row in rows]), ""]
@@ -332,31 +359,3 @@ def plot_grid(path: Path, grid: list[dict[str, Any]], ranked: list[str]) -> None
     handles = [Patch(color=np.array(color) / 255, label=name) for name, color in OVERLAY.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     _save(fig, path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--split", default="data/split.json")
-    parser.add_argument("--manifest", default="data/frames/manifest.csv",
-                        help="frames manifest: character, video and frame index of each id")
-    parser.add_argument("--frames", default="data/frames/images")
-    parser.add_argument("--masks", default="data/masks/images")
-    parser.add_argument("--models", default="models", help="reads <models>/<name>/best.pt")
-    parser.add_argument("--metrics", default="metrics/evaluate")
-    parser.add_argument("--reports", default="reports")
-    parser.add_argument("--plots", default="plots/evaluate")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
-    args = parser.parse_args(argv)
-
-    params = load_params(args.params)
-    model_cfgs = section(params, "models")
-    cfg = read_config(params)
-    results = evaluate(model_cfgs, cfg, split=Path(args.split), manifest=Path(args.manifest),
-                       frames_dir=Path(args.frames), masks_dir=Path(args.masks), checkpoints_dir=Path(args.models),
-                       metrics_dir=Path(args.metrics), reports_dir=Path(args.reports), plots_dir=Path(args.plots),
-                       device=args.device)
-    best = max(results, key=lambda n: results[n]["dice"])
-    print(f"evaluate: {len(results)} models; best Dice {results[best]['dice']:.4f} ({best}); "
-          f"see {Path(args.reports) / 'comparison.md'}")
-

@@ -1,11 +1,10 @@
-"""Extract frames from the character videos, sampled by timestamp.
+"""Extract frames from the character videos, sampled by timestamp: the library of the `frames` stage
+(stages/frames.py runs `extract_frames`).
 
-    python -m stages.frames --videos data/raw/videos --out data/frames [--metrics metrics/frames.json]
-
-Reads `<videos>/<character>/<file>` (.mp4 .avi .mkv .mov .webm, any case) and writes, all or nothing,
-`<out>/images/<id>.jpg`, `<out>/manifest.csv` (id,character,video,frame_index,timestamp,width,height;
-sorted by id) and `<out>/report.json` (per-video fps used, skipped files and why); counts go to the
-metrics file. Params (params.yaml `frames:`): fps, max_side, jpeg_quality, workers.
+Reads `<videos>/<character>/<file>` (.mp4 .avi .mkv .mov .webm, any case) and writes a FramesDir, all or
+nothing: `images/<id>.jpg`, `manifest.csv` (FRAME_COLUMNS: id,character,video,frame_index,timestamp,width,
+height; sorted by id) and `report.json` (per-video fps used, skipped files and why); counts go to the
+metrics file. Settings: FramesConfig (params.yaml `frames:`): fps, max_side, jpeg_quality, workers.
 
 Bad input does not stop the stage, it is skipped and listed in report.json with a warning: a file that
 is not a video, a file directly in the videos folder, a folder inside a character folder, an empty
@@ -19,10 +18,10 @@ results (and then keeps any previous output). Hidden files (.DS_Store, .gitkeep)
 
 A problem with the output (a full disk, a read-only folder) stops the stage: the OSError comes out as one
 `error:` line (run_cli) and the temporary output is removed. So does Ctrl-C, within about a second: the
-worker processes are stopped, not left to finish the queued videos (stages/lib/workers.py); a second
+worker processes are stopped, not left to finish the queued videos (charseg/workers.py); a second
 Ctrl-C kills them at once.
 
-Speed: frames that are not kept are decoded but never converted (see stages/lib/video.py), frames
+Speed: frames that are not kept are decoded but never converted (see charseg/video.py), frames
 are written as JPEG, and videos are decoded in parallel processes; with fewer videos than workers,
 long videos are also cut into time chunks decoded in parallel. The output does not depend on the
 number of workers: a frame is kept by its own timestamp, wherever a chunk starts, and the manifest is
@@ -30,7 +29,6 @@ sorted.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import math
 import os
@@ -44,14 +42,16 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from charseg.errors import CharsegError, run_cli, warn
-from charseg.io import FRAME_COLUMNS, atomic_dir, imwrite_atomic, name_max, slugify, write_csv, write_json
-from charseg.config import load_params, number, section
+from charseg.config import FramesConfig
+from charseg.errors import CharsegError, warn
+from charseg.io import atomic_dir, imwrite_atomic, name_max, slugify, write_csv, write_json
+from charseg.layout import FRAME_COLUMNS, FRAME_SUFFIX, FramesDir
 from charseg.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
-from charseg.workers import WorkerPool
+from charseg.workers import WorkerPool, cpu_count
 
 MIN_CHUNK_SECONDS = 30.0  # a video is cut into parallel chunks no shorter than this
 CHUNKS_PER_WORKER = 2     # a few more chunks than workers, so that they finish at about the same time
+VIDEO_KINDS = " ".join(VIDEO_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ def _bad_name(path: Path) -> str | None:
 
 
 def _name_too_long(job: VideoJob, limit: int) -> str | None:
-    """The frames of `job` are `<id>.jpg` (the masks stage writes `<id>.png`): that name must fit."""
-    name = f"{frame_id(job.id_prefix, 0)}.jpg"
+    """The frames of `job` are `<id>.jpg` (the masks stage writes `<id>.png`, as long): that name must fit."""
+    name = f"{frame_id(job.id_prefix, 0)}{FRAME_SUFFIX}"
     size = len(os.fsencode(name))
     if size <= limit:
         return None
@@ -117,79 +117,90 @@ def _name_too_long(job: VideoJob, limit: int) -> str | None:
             f"shorten the character folder's or the video's name")
 
 
+class _Skipped:
+    """The entries of the videos folder that are not used, each with the reason (report.json's `skipped`)."""
+
+    def __init__(self, videos_root: Path) -> None:
+        self.videos_root = videos_root
+        self.items: list[dict[str, str]] = []
+
+    def add(self, path: Path, reason: str) -> None:
+        self.items.append({"path": _shown(path.relative_to(self.videos_root).as_posix()),
+                           "reason": f"{_shown(path)}: {reason}"})
+
+    def usable(self, path: Path) -> str | None:
+        """The entry's kind ('dir' or 'file'), or None when it is skipped (and added) or ignored."""
+        kind, problem = _kind(path)
+        if path.name.startswith("."):
+            if kind == "dir":  # a hidden file (.DS_Store, .gitkeep, the sample's marker) is ignored silently
+                self.add(path, "hidden folder, skipped: remove the leading dot from its name to use it")
+            return None
+        problem = problem or _bad_name(path)
+        if problem:
+            self.add(path, problem)
+            return None
+        return kind
+
+
 def discover(videos_root: Path, max_name: int = 255) -> tuple[list[VideoJob], list[dict[str, str]]]:
     """The videos to read, and the entries that are skipped with the reason (for report.json).
 
     `max_name`: the longest file name the output filesystem allows (see `name_max`).
     """
+    skipped = _Skipped(videos_root)
     jobs: list[VideoJob] = []
-    skipped: list[dict[str, str]] = []
-    extensions = " ".join(VIDEO_EXTENSIONS)
-
-    def skip(path: Path, reason: str) -> None:
-        skipped.append({"path": _shown(path.relative_to(videos_root).as_posix()),
-                        "reason": f"{_shown(path)}: {reason}"})
-
-    def usable(path: Path) -> str | None:
-        """The entry's kind ('dir' or 'file'), or None when it is skipped (reported) or ignored."""
-        kind, problem = _kind(path)
-        if path.name.startswith("."):
-            if kind == "dir":  # a hidden file (.DS_Store, .gitkeep, the sample's marker) is ignored silently
-                skip(path, "hidden folder, skipped: remove the leading dot from its name to use it")
-            return None
-        if problem:
-            skip(path, problem)
-            return None
-        problem = _bad_name(path)
-        if problem:
-            skip(path, problem)
-            return None
-        return kind
-
     for entry in sorted(videos_root.iterdir()):
-        kind = usable(entry)
+        kind = skipped.usable(entry)
+        if kind == "dir":
+            jobs += _character_videos(entry, max_name, skipped)
+        elif kind is not None:
+            skipped.add(entry, f"a file directly in {_shown(videos_root)} has no character: move it into "
+                               f"{_shown(videos_root)}/<character>/")
+    return jobs, skipped.items
+
+
+def _character_videos(folder: Path, max_name: int, skipped: _Skipped) -> list[VideoJob]:
+    """The usable videos of one character folder; every other entry is added to `skipped`."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as err:
+        skipped.add(folder, f"character folder that cannot be listed ({err.strerror}): check its permissions")
+        return []
+    found = []
+    for path in children:
+        kind = skipped.usable(path)
         if kind is None:
             continue
-        if kind != "dir":
-            skip(entry, f"a file directly in {_shown(videos_root)} has no character: move it into "
-                        f"{_shown(videos_root)}/<character>/")
-            continue
-        try:
-            children = sorted(entry.iterdir())
-        except OSError as err:
-            skip(entry, f"character folder that cannot be listed ({err.strerror}): check its permissions")
-            continue
-        found = []
-        for path in children:
-            kind = usable(path)
-            if kind is None:
-                continue
-            if kind == "dir":
-                skip(path, ("a folder named like a video file; " if is_video_file(path) else "")
-                     + f"folders inside a character folder are not searched: move its videos up into {_shown(entry)}")
-            elif not is_video_file(path):
-                skip(path, f"not a video file by its extension (expected one of {extensions}): remove or convert it")
+        if kind == "dir":
+            skipped.add(path, ("a folder named like a video file; " if is_video_file(path) else "")
+                        + f"folders inside a character folder are not searched: move its videos up into {_shown(folder)}")
+        elif not is_video_file(path):
+            skipped.add(path, f"not a video file by its extension (expected one of {VIDEO_KINDS}): remove or convert it")
+        else:
+            job = VideoJob(path, folder.name, path.relative_to(skipped.videos_root).as_posix())
+            problem = _name_too_long(job, max_name)
+            if problem:
+                skipped.add(path, problem)
             else:
-                job = VideoJob(path, entry.name, path.relative_to(videos_root).as_posix())
-                problem = _name_too_long(job, max_name)
-                if problem:
-                    skip(path, problem)
-                else:
-                    found.append(job)
-        if not found:
-            videos_skipped = any(item["path"].startswith(_shown(entry.name) + "/") for item in skipped)
-            skip(entry, "character folder with no usable video: each of its entries was skipped (see them)"
-                 if videos_skipped else
-                 f"character folder with no video file ({extensions}): add videos or remove the folder")
-        by_prefix: dict[str, VideoJob] = {}
-        for job in found:
-            if job.id_prefix in by_prefix:
-                skip(job.path, f"same name as {by_prefix[job.id_prefix].video} apart from the extension, so "
-                               f"their frame ids would collide: rename one of them")
-            else:
-                by_prefix[job.id_prefix] = job
-                jobs.append(job)
-    return jobs, skipped
+                found.append(job)
+    if not found:
+        videos_skipped = any(item["path"].startswith(_shown(folder.name) + "/") for item in skipped.items)
+        skipped.add(folder, "character folder with no usable video: each of its entries was skipped (see them)"
+                    if videos_skipped else
+                    f"character folder with no video file ({VIDEO_KINDS}): add videos or remove the folder")
+    return _distinct_ids(found, skipped)
+
+
+def _distinct_ids(found: list[VideoJob], skipped: _Skipped) -> list[VideoJob]:
+    """`found` less the videos whose frame ids would collide with an earlier one's (same stem)."""
+    by_prefix: dict[str, VideoJob] = {}
+    for job in found:
+        if job.id_prefix in by_prefix:
+            skipped.add(job.path, f"same name as {by_prefix[job.id_prefix].video} apart from the extension, so "
+                                  f"their frame ids would collide: rename one of them")
+        else:
+            by_prefix[job.id_prefix] = job
+    return list(by_prefix.values())
 
 
 def _resized(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -234,20 +245,17 @@ def plan_chunks(videos: list[tuple[VideoJob, VideoInfo]], n_workers: int) -> lis
     return chunks
 
 
-def extract_chunk(chunk: Chunk, images_dir: Path, fps: float, max_side: int | None,
-                  jpeg_quality: int, threads: int = 0) -> dict[str, Any]:
-    """Write one chunk's sampled frames; returns its manifest rows and how far it decoded, or the error.
-
-    On failure the frames already written by this chunk are removed.
-    """
+def extract_chunk(chunk: Chunk, out: FramesDir, cfg: FramesConfig, threads: int = 0) -> dict[str, Any]:
+    """Write one chunk's sampled frames into `out.images`; returns its manifest rows and how far it decoded,
+    or the error. On failure the frames already written by this chunk are removed."""
     job, rows, written = chunk.job, [], []
     reader = FrameReader(job.path, threads=threads, info=chunk.info)
     try:
-        for frame in reader.sample(fps, chunk.start, chunk.stop):
-            image = _resized(frame.image, max_side)
+        for frame in reader.sample(cfg.fps, chunk.start, chunk.stop):
+            image = _resized(frame.image, cfg.max_side)
             row_id = frame_id(job.id_prefix, frame.timestamp)
-            path = images_dir / f"{row_id}.jpg"
-            imwrite_atomic(path, image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+            path = out.image(row_id)
+            imwrite_atomic(path, image, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
             written.append(path)
             rows.append({"id": row_id, "character": job.character, "video": job.video,
                          "frame_index": frame.index, "timestamp": round(frame.timestamp, 6),
@@ -262,19 +270,29 @@ def extract_chunk(chunk: Chunk, images_dir: Path, fps: float, max_side: int | No
 
 
 def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[str, Any]]],
-                  images_dir: Path, fps: float) -> dict[str, Any]:
+                  out: FramesDir, fps: float) -> dict[str, Any]:
     """Merge a video's chunks into its manifest rows, report entry and warnings (or a skip)."""
     errors = [result["error"] for _, result in parts if "error" in result]
     if errors:
         for _, result in parts:
             for row in result.get("rows", []):
-                (images_dir / f"{row['id']}.jpg").unlink(missing_ok=True)
+                out.image(row["id"]).unlink(missing_ok=True)
         return {"skipped": {"path": job.video, "reason": errors[0]}}
     rows = [row for _, result in parts for row in result["rows"]]
     # The file really ends where the first chunk stopped short of its range (or where the last one ended).
     decoded = next((result["reached"] for chunk, result in parts
                     if chunk.stop is not None and result["reached"] < chunk.stop), parts[-1][1]["reached"])
     truncated = looks_truncated(info, decoded)
+    entry = {"video": job.video, "character": job.character, "frames": len(rows),
+             "fps_used": round(info.fps, 6), "fps_source": info.fps_source,
+             "reported_fps": info.reported_fps if math.isfinite(info.reported_fps) else None,  # JSON has no NaN
+             "frames_decoded": decoded, "reported_frames": info.reported_frames,
+             "width": info.width, "height": info.height, "incomplete": truncated}
+    return {"rows": rows, "video": entry, "warnings": _video_warnings(job, info, fps, len(rows), decoded, truncated)}
+
+
+def _video_warnings(job: VideoJob, info: VideoInfo, fps: float, n_frames: int, decoded: int,
+                    truncated: bool) -> list[str]:
     warnings = []
     if info.fps_source != "container":
         warnings.append(f"{job.path}: the container reports {info.reported_fps:g} fps, which is not plausible; "
@@ -283,130 +301,122 @@ def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[
                         + f" ({info.fps:.3f} fps)")
     if fps > info.fps * (1 + 1e-6):
         warnings.append(f"{job.path}: frames.fps {fps:g} is above the video's own {info.fps:.3f} fps, so every "
-                        f"frame was kept ({len(rows)} frames, not {fps:g} per second): lower frames.fps to "
+                        f"frame was kept ({n_frames} frames, not {fps:g} per second): lower frames.fps to "
                         f"{info.fps:.3f} or less to silence this")
     if truncated:
         warnings.append(f"{job.path}: decoding stopped at frame {decoded} of {info.reported_frames} "
                         f"({decoded / info.fps:.1f} s): the file looks truncated or damaged; the frames before "
                         f"that were kept. Re-copy or re-encode it to get the rest")
-    entry = {"video": job.video, "character": job.character, "frames": len(rows),
-             "fps_used": round(info.fps, 6), "fps_source": info.fps_source,
-             "reported_fps": info.reported_fps if math.isfinite(info.reported_fps) else None,  # JSON has no NaN
-             "frames_decoded": decoded, "reported_frames": info.reported_frames,
-             "width": info.width, "height": info.height, "incomplete": truncated}
-    return {"rows": rows, "video": entry, "warnings": warnings}
+    return warnings
 
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # parallelism comes from the processes; avoid cores x cores threads
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _run_chunks(chunks: list[Chunk], n_workers: int, args: tuple, progress: tqdm) -> list[dict[str, Any]]:
-    """Every chunk's extract_chunk result. Ctrl-C, or an error such as a full disk (the OSError comes out
-    as it is), stops the workers at once: see stages/lib/workers.py."""
+def _run_chunks(chunks: list[Chunk], n_workers: int, out: FramesDir, cfg: FramesConfig) -> list[dict[str, Any]]:
+    """Every chunk's extract_chunk result, in the order of `chunks`. Ctrl-C, or an error such as a full disk
+    (the OSError comes out as it is), stops the workers at once: see charseg/workers.py."""
     parts_of = Counter(chunk.job for chunk in chunks)
     results: list[dict[str, Any]] = [{} for _ in chunks]
-    if n_workers == 1:
-        for i, chunk in enumerate(chunks):
-            results[i] = extract_chunk(chunk, *args)
-            progress.update(1 / parts_of[chunk.job])
-        return results
-    threads = max(1, _cpu_count() // n_workers)  # ffmpeg decode threads per process
-    with WorkerPool(n_workers, processes=True, initializer=_init_worker) as pool:
-        # Longest first, so that no long chunk starts last and keeps one core busy alone.
-        order = sorted(range(len(chunks)), key=lambda i: -chunks[i].seconds)
-        futures = {pool.submit(extract_chunk, chunks[i], *args, threads): i for i in order}
-        for future in pool.as_completed(futures):
-            i = futures[future]
-            results[i] = future.result()
-            progress.update(1 / parts_of[chunks[i].job])
+    with tqdm(total=len(parts_of), desc="frames", unit="video",
+              bar_format="{l_bar}{bar}| {n:.0f}/{total} videos [{elapsed}<{remaining}]") as progress:
+        if n_workers == 1:
+            for i, chunk in enumerate(chunks):
+                results[i] = extract_chunk(chunk, out, cfg)
+                progress.update(1 / parts_of[chunk.job])
+            return results
+        threads = max(1, cpu_count() // n_workers)  # ffmpeg decode threads per process
+        with WorkerPool(n_workers, processes=True, initializer=_init_worker) as pool:
+            # Longest first, so that no long chunk starts last and keeps one core busy alone.
+            order = sorted(range(len(chunks)), key=lambda i: -chunks[i].seconds)
+            futures = {pool.submit(extract_chunk, chunks[i], out, cfg, threads): i for i in order}
+            for future in pool.as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                progress.update(1 / parts_of[chunks[i].job])
     return results
 
 
-def extract_frames(videos_root: Path, out_dir: Path, *, fps: float, max_side: int | None,
-                   jpeg_quality: int, workers: int = 0) -> dict[str, Any]:
-    """Build `out_dir` (images/, manifest.csv, report.json) from the videos; returns the report."""
-    videos_root, out_dir = Path(videos_root), Path(out_dir)
+def _find_videos(videos_root: Path, out: FramesDir) -> tuple[list[VideoJob], list[dict[str, str]]]:
+    """discover(), or an error saying where videos go when there are none."""
     how_to = (f"put videos in {videos_root}/<character>/<name>.mp4 (one folder per character; "
-              f"{' '.join(VIDEO_EXTENSIONS)}), or run `charseg sample --out data/raw` for a small sample")
+              f"{VIDEO_KINDS}), or run `charseg sample --out data/raw` for a small sample")
     if not videos_root.is_dir():
         raise CharsegError(f"videos folder {videos_root} does not exist: {how_to}")
-    jobs, skipped = discover(videos_root, name_max(out_dir.parent))
+    jobs, skipped = discover(videos_root, name_max(out.root.parent))
     if not jobs:
         for item in skipped:
             warn(f"skipped {item['reason']}")
         raise CharsegError(f"no videos found in {videos_root}: {how_to}")
+    return jobs, skipped
+
+
+def _probed(jobs: list[VideoJob], skipped: list[dict[str, str]]) -> list[tuple[VideoJob, VideoInfo]]:
+    """The jobs with their VideoInfo; a video that cannot be opened is added to `skipped`."""
     videos = []
     for job in jobs:
         try:
             videos.append((job, probe(job.path)))
         except CharsegError as err:
             skipped.append({"path": job.video, "reason": str(err)})
+    return videos
 
-    chunks = plan_chunks(videos, workers or _cpu_count())
-    n_workers = min(workers or _cpu_count(), max(1, len(chunks)))
-    with atomic_dir(out_dir) as tmp:
-        images_dir = tmp / "images"
-        images_dir.mkdir()
-        with tqdm(total=len(videos), desc="frames", unit="video",
-                  bar_format="{l_bar}{bar}| {n:.0f}/{total} videos [{elapsed}<{remaining}]") as progress:
-            results = _run_chunks(chunks, n_workers, (images_dir, fps, max_side, jpeg_quality), progress)
-        rows, entries, warnings = [], [], []
-        for job, info in videos:
-            parts = [(chunk, result) for chunk, result in zip(chunks, results) if chunk.job == job]
-            merged = _video_result(job, info, parts, images_dir, fps)
-            if "skipped" in merged:
-                skipped.append(merged["skipped"])
-                continue
-            rows.extend(merged["rows"])
-            entries.append(merged["video"])
-            warnings.extend(merged["warnings"])
-        skipped.sort(key=lambda item: item["path"])
-        for item in skipped:
-            warn(f"skipped {item['reason']}")
-        for warning in warnings:
-            warn(warning)
+
+def _merge(videos: list[tuple[VideoJob, VideoInfo]], chunks: list[Chunk], results: list[dict[str, Any]],
+           out: FramesDir, fps: float, skipped: list[dict[str, str]]) -> tuple[list[dict], list[dict], list[str]]:
+    """(manifest rows sorted by id, report entries, warnings) of every video; failed videos join `skipped`
+    (sorted by path), and every skip and warning is printed."""
+    rows, entries, warnings = [], [], []
+    for job, info in videos:
+        parts = [(chunk, result) for chunk, result in zip(chunks, results) if chunk.job == job]
+        merged = _video_result(job, info, parts, out, fps)
+        if "skipped" in merged:
+            skipped.append(merged["skipped"])
+            continue
+        rows.extend(merged["rows"])
+        entries.append(merged["video"])
+        warnings.extend(merged["warnings"])
+    skipped.sort(key=lambda item: item["path"])
+    for item in skipped:
+        warn(f"skipped {item['reason']}")
+    for warning in warnings:
+        warn(warning)
+    return sorted(rows, key=lambda row: row["id"]), entries, warnings
+
+
+def extract_frames(videos_root: Path, out: FramesDir, cfg: FramesConfig,
+                   metrics_path: Path | None = None) -> dict[str, Any]:
+    """Build `out` (images/, manifest.csv, report.json) from the videos under `videos_root`, all or nothing;
+    returns the report, and writes `frames_metrics(report)` to `metrics_path` when given."""
+    videos_root = Path(videos_root)
+    jobs, skipped = _find_videos(videos_root, out)
+    videos = _probed(jobs, skipped)
+    workers = cfg.workers or cpu_count()
+    chunks = plan_chunks(videos, workers)
+    with atomic_dir(out.root) as tmp:
+        staged = FramesDir(tmp)
+        staged.images.mkdir()
+        results = _run_chunks(chunks, min(workers, max(1, len(chunks))), staged, cfg)
+        rows, entries, warnings = _merge(videos, chunks, results, staged, cfg.fps, skipped)
         if not rows:
             reasons = "; ".join(item["reason"] for item in skipped[:3])
             raise CharsegError(f"no frame could be extracted from the {len(jobs)} video(s) in {videos_root} "
                                f"({reasons}): fix or replace the files listed above")
-        rows.sort(key=lambda row: row["id"])
-        write_csv(tmp / "manifest.csv", rows, FRAME_COLUMNS)
-        report = {"params": {"fps": fps, "max_side": max_side, "jpeg_quality": jpeg_quality},
+        report = {"params": {"fps": cfg.fps, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality},
                   "videos_processed": len(entries), "frames_written": len(rows), "videos": entries,
                   "skipped": skipped, "warnings": warnings}
-        write_json(tmp / "report.json", report)
+        write_csv(staged.manifest, rows, FRAME_COLUMNS)
+        write_json(staged.report, report)
+    if metrics_path is not None:
+        write_json(metrics_path, frames_metrics(report))
     return report
 
 
 def frames_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a report for `dvc metrics`: videos, frames, skipped entries, frames per character."""
     per_character: Counter[str] = Counter()
     for video in report["videos"]:
         per_character[video["character"]] += video["frames"]
     return {"videos": report["videos_processed"], "frames": report["frames_written"],
             "skipped": len(report["skipped"]), "frames_per_character": dict(sorted(per_character.items()))}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--videos", type=Path, default=Path("data/raw/videos"))
-    parser.add_argument("--out", type=Path, default=Path("data/frames"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/frames.json"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    cfg = section(load_params(args.params), "frames")
-    fps = number(cfg, "fps", lo=0.001, hi=1000, where="frames")
-    max_side = None if cfg.get("max_side") is None else number(cfg, "max_side", lo=16, integer=True, where="frames")
-    jpeg_quality = number(cfg, "jpeg_quality", lo=1, hi=100, integer=True, where="frames")
-    workers = number(cfg, "workers", lo=0, integer=True, where="frames")
-
-    report = extract_frames(args.videos, args.out, fps=fps, max_side=max_side,
-                            jpeg_quality=jpeg_quality, workers=workers)
-    write_json(args.metrics, frames_metrics(report))
-    print(f"frames: {report['frames_written']} frames from {report['videos_processed']} videos -> {args.out} "
-          f"({len(report['skipped'])} skipped, {len(report['warnings'])} warnings: see {args.out / 'report.json'})")
-

@@ -1,11 +1,11 @@
 """Running a trained model on frames, shared by evaluate, predict and export.
 
 A Segmenter maps a preprocessed batch to foreground probabilities at the model's img_size; it is a
-PyTorch checkpoint (TorchSegmenter, here) or an ONNX file (stages/lib/onnx_model.OnnxSegmenter), and
-both rebuild their preprocessing from the checkpoint metadata they carry, so callers never guess it.
-Frames are resized exactly as in training (data.resize_image); probabilities are resized back to the
-frame's own size (to_frame_size) *before* thresholding, so masks keep the frame's resolution and
-edges are not the blocky upscale of an img_size mask.
+PyTorch checkpoint (TorchSegmenter, here) or an ONNX file (charseg.onnx.OnnxSegmenter), and both
+rebuild their preprocessing from the checkpoint metadata they carry, so callers never guess it.
+Frames are resized (data.resize_image) and normalised (data.normalize) exactly as in training;
+probabilities are resized back to the frame's own size (to_frame_size) *before* thresholding, so
+masks keep the frame's resolution and edges are not the blocky upscale of an img_size mask.
 """
 from __future__ import annotations
 
@@ -17,17 +17,31 @@ import numpy as np
 import torch
 
 from charseg import models
-from charseg.data import resize_image
+from charseg.config import PARAMS_FILE, load_config
+from charseg.data import normalize, resize_image
+from charseg.device import Precision
 
 
 def preprocess(images: Sequence[np.ndarray], meta: dict[str, Any]) -> np.ndarray:
     """RGB uint8 frames (any sizes) -> float32 (B, 3, S, S) batch, S = meta["img_size"], normalised
-    with meta["mean"] / meta["std"] (0-1 scale, as stored in checkpoints)."""
+    with meta["mean"] / meta["std"] (0-1 scale, as stored in checkpoints) by data.normalize, as in training."""
     size = int(meta["img_size"])
-    batch = np.stack([resize_image(image, size) for image in images]).astype(np.float32)
-    mean = np.asarray(meta["mean"], np.float32) * 255
-    std = np.asarray(meta["std"], np.float32) * 255
-    return np.ascontiguousarray(((batch - mean) / std).transpose(0, 3, 1, 2))
+    batch = np.stack([resize_image(image, size) for image in images]).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(normalize(batch, meta["mean"], meta["std"]), dtype=np.float32)
+
+
+def configured_arch(name: str | None, params_file: str | Path | None = None) -> str | None:
+    """params.yaml's arch for model `name`, to check a checkpoint or ONNX file against; None (no check) without
+    a name, or without a params file (params_file None: ./params.yaml when there is one: the checkpoint and the
+    ONNX metadata record their arch, so predict and export run anywhere). A name the file does not define is an
+    error listing the ones it does."""
+    if name is None:
+        return None
+    if params_file is None:
+        if not PARAMS_FILE.is_file():
+            return None
+        params_file = PARAMS_FILE
+    return load_config(params_file).model_config(name).arch
 
 
 class Segmenter(Protocol):
@@ -38,37 +52,35 @@ class Segmenter(Protocol):
 
 
 class TorchSegmenter:
-    """A PyTorch model on one device, in eval mode, without autograd.
-
-    amp: autocast on CUDA (bf16 where supported, else fp16), as in training; ignored on CPU, where
-    autocast is slower than float32 for these convolutions. On CUDA the model runs channels-last,
-    the layout cuDNN's fastest convolution kernels use.
-    """
+    """A PyTorch model on one device, in eval mode, without autograd, at the device's Precision
+    (charseg.device: with amp, autocast on CUDA as in training; channels-last on CUDA)."""
 
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device,
                  amp: bool = False) -> None:
         self.meta = meta
         self.device = device
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format).eval()
-        self.amp_dtype = None
-        if amp and device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.precision = Precision.for_device(device, amp)
+        self.model = model.to(device, memory_format=self.precision.memory_format).eval()
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.precision.amp_dtype
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, expect_arch: str | None = None,
                         device: torch.device = torch.device("cpu"), amp: bool = False,
                         model_name: str | None = None) -> TorchSegmenter:
-        """Load models/<name>/best.pt; a missing file or another architecture is a CharsegError saying what to do
-        (retraining only when `path` is model_name's train@ output: see models.load_checkpoint)."""
+        """Load a checkpoint (models/<name>/best.pt or any other); a missing file or another architecture than
+        `expect_arch` is a CharsegError saying what to do (retraining only when `path` is model_name's train@
+        output: see models.load_checkpoint)."""
         model, meta = models.load_checkpoint(path, expect_arch=expect_arch, model_name=model_name,
                                              map_location=device)
         return cls(model, meta, device, amp)
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        inputs = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.precision.memory_format)
+        with self.precision.autocast():
             logits = self.model(inputs)
         return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 

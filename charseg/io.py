@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from charseg.errors import CharsegError
+from charseg.layout import FRAME_COLUMNS
 
 
 def _umask() -> int:
@@ -255,29 +256,25 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         raise CharsegError(f"{path} is not a readable CSV file ({err}): {_REDO}") from None
 
 
-FRAME_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
-
-
 def read_manifest(path: str | Path, required: Sequence[str] = FRAME_COLUMNS) -> list[dict[str, Any]]:
     """Rows of a frames or masks manifest, checked: not empty, columns present, ids unique, timestamps numbers."""
     path = Path(path)
     rows = read_csv(path)
-    redo = "re-run the stage that wrote it (dvc repro)"
     if not rows:
-        raise CharsegError(f"{path} lists no frames: add videos under data/raw/videos/<character>/ and {redo}")
+        raise CharsegError(f"{path} lists no frames: {_REDO}")
     missing = [c for c in required if c not in rows[0]]
     if missing:
-        raise CharsegError(f"{path} lacks column(s) {', '.join(missing)}: {redo}")
+        raise CharsegError(f"{path} lacks column(s) {', '.join(missing)}: {_REDO}")
     repeated = sorted(i for i, n in Counter(r["id"] for r in rows).items() if n > 1)
     if repeated:
-        raise CharsegError(f"{path} lists {len(repeated)} id(s) more than once (e.g. {', '.join(repeated[:5])}): {redo}")
+        raise CharsegError(f"{path} lists {len(repeated)} id(s) more than once (e.g. {', '.join(repeated[:5])}): {_REDO}")
     if "timestamp" in required:
         for row in rows:
             try:
                 row["timestamp"] = float(row["timestamp"])
             except ValueError:
                 raise CharsegError(f"{path}: frame {row['id']!r} has timestamp {row['timestamp']!r}, "
-                                   f"not a number: {redo}") from None
+                                   f"not a number: {_REDO}") from None
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 FRAME_SUFFIX = ".jpg"  # extracted frames: small, and what the detector and the models read
 MASK_SUFFIX = ".png"   # masks: lossless 0/255
@@ -20,9 +21,11 @@ LABEL_COLUMNS = ("status", "n_persons", "coverage", "boxes", "box_scores", "sam_
 
 
 @dataclass(frozen=True)
-class FramesDir:
-    """The frames stage's output: images/<id>.jpg, manifest.csv (one row per frame), report.json."""
+class StageDir:
+    """A stage output folder of one file per frame: images/<id><SUFFIX>, manifest.csv (one row per frame,
+    sorted by id) and report.json (how the files were made)."""
     root: Path
+    SUFFIX: ClassVar[str]
 
     @property
     def images(self) -> Path:
@@ -36,29 +39,39 @@ class FramesDir:
     def report(self) -> Path:
         return self.root / "report.json"
 
+    def file(self, frame_id: str) -> Path:
+        return self.images / f"{frame_id}{self.SUFFIX}"
+
+
+class FramesDir(StageDir):
+    """The frames stage's output (data/frames): images/<id>.jpg."""
+    SUFFIX = FRAME_SUFFIX
+
     def image(self, frame_id: str) -> Path:
-        return self.images / f"{frame_id}{FRAME_SUFFIX}"
+        return self.file(frame_id)
+
+
+class MasksDir(StageDir):
+    """The masks stage's output (data/masks): images/<id>.png, 0/255 at the frame's size."""
+    SUFFIX = MASK_SUFFIX
+
+    def mask(self, frame_id: str) -> Path:
+        return self.file(frame_id)
 
 
 @dataclass(frozen=True)
-class MasksDir:
-    """The masks stage's output: images/<id>.png (0/255, the frame's size), manifest.csv, report.json."""
+class ResumeFiles:
+    """<cache>/train/<name>/: `last` is the state after the last finished epoch, `best` the best checkpoint so
+    far (the copy in <models>/<name>/ is a DVC output, deleted before a rerun)."""
     root: Path
 
     @property
-    def images(self) -> Path:
-        return self.root / "images"
+    def last(self) -> Path:
+        return self.root / "last.pt"
 
     @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.csv"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.json"
-
-    def mask(self, frame_id: str) -> Path:
-        return self.images / f"{frame_id}{MASK_SUFFIX}"
+    def best(self) -> Path:
+        return self.root / "best.pt"
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ class Layout:
 
     def checkpoint(self, name: str) -> Path:
         """models/<name>/best.pt, what train@<name> writes."""
-        return self.models / name / CHECKPOINT_NAME
+        return checkpoint_in(self.models, name)
 
     @property
     def live(self) -> Path:
@@ -118,8 +131,18 @@ class Layout:
         """Outside DVC's outputs, safe to delete: pre-resized training pairs and resume state."""
         return self.root / ".cache"
 
-    def train_state(self, name: str) -> Path:
-        return self.cache / "train" / name
+    def train_state(self, name: str) -> ResumeFiles:
+        return train_state_in(self.cache, name)
+
+
+def checkpoint_in(models: Path, name: str) -> Path:
+    """<models>/<name>/best.pt: Layout.checkpoint for a models folder given on the command line (--out)."""
+    return Path(models) / name / CHECKPOINT_NAME
+
+
+def train_state_in(cache: Path, name: str) -> ResumeFiles:
+    """<cache>/train/<name>/: Layout.train_state for a cache folder given on the command line (--cache)."""
+    return ResumeFiles(Path(cache) / "train" / name)
 
 
 PROJECT = Layout()

@@ -24,9 +24,10 @@ from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 from segmentation_models_pytorch.encoders import encoders as SMP_ENCODERS
 from torch import nn
 
+from charseg.config import ARCH_OPTIONS, MODEL_KEYS
 from charseg.errors import CharsegError
 from charseg.io import write_bytes_atomic
-from charseg.config import ARCH_OPTIONS, MODEL_KEYS
+from charseg.layout import train_output_name
 
 CHECKPOINT_FORMAT = "charseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -275,8 +276,10 @@ def check_img_size(cfg: dict[str, Any], img_size: int, *, name: str = "<name>") 
 def param_groups(model: nn.Module, cfg: dict[str, Any], lr: float, weight_decay: float,
                  *, name: str = "<name>") -> list[dict]:
     """AdamW groups: the encoder learns at lr * encoder_lr_mult; norms and biases get no weight decay."""
-    mult = float(cfg.get("encoder_lr_mult", 1.0))  # range-checked by the params schema
-    encoder_lr = lr * mult
+    mult = cfg.get("encoder_lr_mult", 1.0)
+    # params.yaml passed this check at load; a cfg built in code (a test, a tool) gets the same one.
+    MODEL_KEYS["encoder_lr_mult"].check(mult, f"models.{name}.encoder_lr_mult", "params.yaml")
+    encoder_lr = lr * float(mult)
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
@@ -303,16 +306,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, cfg:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(path, buffer.getvalue())
-
-
-def train_output_name(path: str | Path, model_name: str | None) -> str | None:
-    """model_name when `path` is models/<model_name>/best.pt, what `dvc repro train@<model_name>` writes;
-    None for any other file (a --checkpoint of the user's own), where retraining would not fix it."""
-    path = Path(path)
-    if model_name and path.name == "best.pt" and path.parent.name == model_name and \
-            path.parent.parent.name == "models":
-        return model_name
-    return None
 
 
 def load_checkpoint(path: str | Path, *, expect_arch: str | None = None, model_name: str | None = None,

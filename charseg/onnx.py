@@ -1,28 +1,31 @@
-"""ONNX export of a charseg model and an ONNX Runtime segmenter that predict can use instead of torch.
+"""ONNX export of a charseg model, and an ONNX Runtime segmenter that `charseg predict --onnx` runs.
 
-The exported file is self-describing: the checkpoint metadata (arch, encoder, img_size, mean, std,
-threshold, ...) travels in its metadata_props under "charseg", so an .onnx file alone rebuilds the
-preprocessing. Graph: input "image" (B, 3, S, S) float32, normalised; output "logits" (B, 1, S, S);
-B is dynamic, S is the checkpoint's img_size.
+The exported file is self-describing: the checkpoint metadata (model_name, arch, encoder, img_size, mean,
+std, threshold, ...) travels in its metadata_props under "charseg", so an .onnx file alone rebuilds the
+preprocessing, with no params.yaml. Graph: input "image" (B, 3, S, S) float32, normalised; output "logits"
+(B, 1, S, S); B is dynamic, S is the checkpoint's img_size.
 
-torch is imported only by `export_onnx`: OnnxSegmenter needs nothing but numpy and onnxruntime, so a
-deployment box can run the exported model without a torch install.
+OnnxSegmenter runs the model on onnxruntime instead of torch (often faster on the CPU, and the same
+file serves other runtimes), but it is not torch-free: charseg's device policy (charseg.device) and
+preprocessing (charseg.data) import torch, so `charseg predict --onnx` needs the same install as the
+rest of charseg. A torch-free deployment needs only this file's graph and metadata contract:
+resize to S x S, normalise with the metadata's mean/std, run, sigmoid, resize back, threshold.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
+from charseg.device import ORT_CPU, ORT_CUDA
 from charseg.errors import CharsegError
 from charseg.io import file_sha256, write_bytes_atomic
-
-if TYPE_CHECKING:
-    from torch import nn
+from charseg.layout import PROJECT
 
 METADATA_KEY = "charseg"
 INPUT_NAME = "image"
@@ -39,8 +42,6 @@ DEFAULT_TOLERANCE = 1e-3
 # and the parity check runs another batch size to prove the batch dimension really is dynamic.
 EXAMPLE_BATCH = 2
 CHECK_BATCH = 3
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _session(model: str | bytes, providers: Sequence[Any], threads: int | None) 
     return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
-def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, opset: int = DEFAULT_OPSET,
+def export_onnx(model: torch.nn.Module, meta: dict[str, Any], path: str | Path, *, opset: int = DEFAULT_OPSET,
                 tolerance: float = DEFAULT_TOLERANCE, source_checkpoint: str | Path | None = None) -> ExportReport:
     """Export `model` (put in eval mode) to a single-file ONNX at `path`, written only if onnxruntime's
     probabilities match torch's within `tolerance` on a random batch; raises CharsegError otherwise.
@@ -75,8 +76,6 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, ops
     `meta` is the checkpoint metadata from models.load_checkpoint; the sha256 of `source_checkpoint`
     is added to it so an .onnx file can be traced back to the exact checkpoint it came from.
     """
-    import torch  # see the module docstring
-
     path = Path(path)
     size = int(meta["img_size"])
     name = meta.get("model_name", "model")
@@ -87,8 +86,23 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, ops
         stored["checkpoint_sha256"] = file_sha256(source_checkpoint)
 
     model = model.eval()
+    generator = torch.Generator().manual_seed(0)  # the example batch, then the check batch
+    data = _onnx_bytes(model, stored, size, opset, name, generator)
+    logits_diff, probs_diff = _parity(model, data, size, name, generator)
+    if not probs_diff <= tolerance:  # written this way so that NaN fails too
+        raise CharsegError(f"ONNX export of {name} failed the parity check on a batch of {CHECK_BATCH}: "
+                           f"max |prob difference| {probs_diff:.3g} > tolerance {tolerance:g} (max |logit "
+                           f"difference| {logits_diff:.3g}); nothing written to {path}: try another --opset, "
+                           f"or a larger --tolerance if that difference is acceptable")
+    write_bytes_atomic(path, data)
+    return ExportReport(path=path, size_bytes=len(data), opset=opset, check_batch=CHECK_BATCH,
+                        max_abs_logits=logits_diff, max_abs_probs=probs_diff, tolerance=tolerance)
+
+
+def _onnx_bytes(model: torch.nn.Module, stored: dict[str, Any], size: int, opset: int, name: str,
+                generator: torch.Generator) -> bytes:
+    """The serialised single-file ONNX model at `opset`, dynamic batch, with `stored` as its charseg metadata."""
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
     example = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=generator).to(device)
     try:
         program = torch.onnx.export(
@@ -109,60 +123,44 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, ops
     # the weights would need external data files, which charseg does not ship.
     if proto.ByteSize() >= 2**31 - 1:
         raise CharsegError(f"{name} is too large for a single-file ONNX (>= 2 GB): not supported")
-    data = proto.SerializeToString()
+    return proto.SerializeToString()
 
-    # Checked on the exact bytes that will be written, so the rename below happens only after a pass.
+
+def _parity(model: torch.nn.Module, data: bytes, size: int, name: str,
+            generator: torch.Generator) -> tuple[float, float]:
+    """(max |logit difference|, max |probability difference|) of onnxruntime running `data` against torch
+    on a random batch of CHECK_BATCH: checked on the exact bytes that will be written."""
     batch = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
     with torch.no_grad():
-        expected = model(batch.to(device)).float().cpu().numpy().astype(np.float64)
+        expected = model(batch.to(next(model.parameters()).device)).float().cpu().numpy().astype(np.float64)
     try:
-        session = _session(data, [CPU], None)
+        session = _session(data, [ORT_CPU], None)
     except Exception as err:  # ORT's own exception types, e.g. an opset newer than this onnxruntime
         raise CharsegError(f"onnxruntime {ort.__version__} cannot load the exported {name} "
                            f"({str(err).splitlines()[0]}): try a lower --opset") from err
     got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0].astype(np.float64)
     if got.shape != expected.shape:
         raise CharsegError(f"ONNX export of {name}: onnxruntime returned shape {got.shape}, torch {expected.shape}")
-    logits_diff = float(np.abs(got - expected).max())
-    probs_diff = float(np.abs(sigmoid(got) - sigmoid(expected)).max())
-    if not probs_diff <= tolerance:  # written this way so that NaN fails too
-        raise CharsegError(f"ONNX export of {name} failed the parity check on a batch of {CHECK_BATCH}: "
-                           f"max |prob difference| {probs_diff:.3g} > tolerance {tolerance:g} (max |logit "
-                           f"difference| {logits_diff:.3g}); nothing written to {path}: try another --opset, "
-                           f"or a larger --tolerance if that difference is acceptable")
-    write_bytes_atomic(path, data)
-    return ExportReport(path=path, size_bytes=len(data), opset=opset, check_batch=CHECK_BATCH,
-                        max_abs_logits=logits_diff, max_abs_probs=probs_diff, tolerance=tolerance)
-
-
-def providers_for(device: str) -> list[Any] | None:
-    """ONNX Runtime providers for a --device value (auto | cpu | cuda | cuda:N); None means auto."""
-    if device == "auto":
-        return None
-    if device == "cpu":
-        return [CPU]
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return [(CUDA, {"device_id": int(index or 0)}), CPU]
-    raise CharsegError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:<index>")
+    return float(np.abs(got - expected).max()), float(np.abs(sigmoid(got) - sigmoid(expected)).max())
 
 
 def export_command(path: Path, model_name: str, *, overwrite: bool = False) -> str:
     """The export command (in backticks) that writes model_name's ONNX file to `path`."""
     command = f"`charseg export --model {model_name}{' --overwrite' if overwrite else ''}`"
-    if Path(path) == Path("exports") / f"{model_name}.onnx":
+    if Path(path) == PROJECT.onnx(model_name):
         return command
     return f"{command} with `--output {path}` to write it there"
 
 
 class OnnxSegmenter:
-    """The Segmenter protocol (stages/lib/inference.py) on ONNX Runtime: a normalised (B, 3, S, S)
+    """The Segmenter protocol (charseg.inference) on ONNX Runtime: a normalised (B, 3, S, S)
     float32 batch in, foreground probabilities (B, S, S) float32 out."""
 
     def __init__(self, path: str | Path, providers: Sequence[Any] | None = None, *, threads: int | None = None,
                  model_name: str | None = None):
-        """model_name: the params.yaml model this file is meant to be, when the caller knows it; the
-        errors then say how to export that model to `path`, else they name the file as the wrong one."""
+        """providers: ONNX Runtime providers (charseg.device.ort_providers); None: CUDA when this onnxruntime
+        build has it, else the CPU. model_name: the model this file is meant to be, when the caller knows it;
+        the errors then say how to export that model to `path`, else they name the file as the wrong one."""
         path = Path(path)
         self.model_name = model_name
         if not path.is_file():
@@ -172,7 +170,7 @@ class OnnxSegmenter:
         available = ort.get_available_providers()
         auto = providers is None
         if auto:  # the GPU when this onnxruntime build has CUDA, else the CPU
-            providers = [CUDA, CPU] if CUDA in available else [CPU]
+            providers = [ORT_CUDA, ORT_CPU] if ORT_CUDA in available else [ORT_CPU]
         wanted = [p if isinstance(p, str) else p[0] for p in providers]  # a provider may be (name, options)
         missing = [p for p in wanted if p not in available]
         if missing:
@@ -184,7 +182,7 @@ class OnnxSegmenter:
             raise CharsegError(f"{path} is not a readable ONNX model ({type(err).__name__}): "
                                f"{self._fix(path)}") from err
         # ORT falls back to the CPU silently when the CUDA libraries fail to load; asked-for CUDA must not.
-        if not auto and CUDA in wanted and CUDA not in self.session.get_providers():
+        if not auto and ORT_CUDA in wanted and ORT_CUDA not in self.session.get_providers():
             raise CharsegError(f"onnxruntime could not start CUDA for {path} (CUDA/cuDNN libraries not found?): "
                                f"fix the CUDA install or use --device cpu")
         self.providers: list[str] = self.session.get_providers()

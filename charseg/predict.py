@@ -1,5 +1,10 @@
 """Segment new footage with a trained model: `charseg predict --model NAME --input PATH --output PATH`.
 
+The model: --model NAME runs models/NAME/best.pt (the train@NAME output), --checkpoint PATH any checkpoint,
+--onnx [PATH] an ONNX export instead (default exports/NAME.onnx, from `charseg export`). Checkpoints and
+ONNX files record their arch and preprocessing, so no params.yaml is needed; when one is there (--params,
+default ./params.yaml) and --model names one of its models, the file must hold that model's arch.
+
 - An image or a folder of images: --output is a folder with `<stem>.mask.png` (0/255, the image's size) and
   `<stem>.overlay.jpg` (mask tinted and outlined) per image; full file names (`a.jpg.mask.png`) when stems collide.
 - A video (anything OpenCV decodes): --output is the overlay video (.mp4/.mov/.m4v: mp4v, .avi/.mkv: MJPG)
@@ -29,11 +34,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from charseg.device import select_device
-from charseg.errors import CharsegError, require, run_cli, warn
-from charseg.inference import Segmenter, Smoother, TorchSegmenter, infer_masks, preprocess
+from charseg.device import ort_providers, select_device
+from charseg.errors import CharsegError, require, warn
+from charseg.inference import Segmenter, Smoother, TorchSegmenter, configured_arch, infer_masks, preprocess
 from charseg.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming
-from charseg.config import load_params, section
+from charseg.layout import PROJECT
 from charseg.video import VideoInfo, is_video_file, looks_truncated, probe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -194,7 +199,10 @@ class VideoResult:
 def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, threshold: float, batch_size: int = 8,
                   every: int = 1, smooth: float | None = None, masks_dir: Path | None = None,
                   progress: bool = True) -> VideoResult:
-    """Overlay video of `info.path` at its fps and size, frame for frame (and per-frame masks in masks_dir)."""
+    """Overlay video of `info.path` at its fps and size, frame for frame (and per-frame masks in masks_dir).
+
+    One function on purpose: the batching loop and run_pending share the pending frames, the last mask and the
+    counts, and the threads' start, stop and join must sit in one try/finally with the atomic outputs."""
     fourcc = CODECS[output.suffix.lower()]
     smoother, pipe = Smoother(smooth), _Pipeline()
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
@@ -247,24 +255,45 @@ def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, thresh
     return VideoResult(frames, inferred)
 
 
-def load_segmenter(name: str, arch: str, *, checkpoint: Path | None, onnx: str | None, device: str,
-                   amp: bool) -> Segmenter:
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model to run, from --model / --checkpoint / --onnx."""
+    name: str | None          # --model NAME
+    arch: str | None          # params.yaml's models.NAME.arch, checked against the file; None: not checked
+    checkpoint: Path | None   # --checkpoint as given; None: models/NAME/best.pt (unless onnx)
+    onnx: Path | None         # the ONNX file to run instead of a checkpoint
+
+
+def choose_model(name: str | None, checkpoint: Path | None, onnx: str | None,
+                 params_file: Path | None = None) -> ModelSource:
+    """The model the options name; params_file as configured_arch (None: ./params.yaml when there is one)."""
+    require(checkpoint is None or onnx is None, "--checkpoint and --onnx both name a model: give only one")
+    require(name or checkpoint or onnx is not None,
+            "give --model NAME, --checkpoint PATH or --onnx PATH: which model to run")
+    onnx_path = None
+    if onnx is not None:
+        require(onnx or name, "--onnx without a PATH runs exports/NAME.onnx: give --model NAME, or the file's path")
+        onnx_path = Path(onnx) if onnx else PROJECT.onnx(name)
+    return ModelSource(name, configured_arch(name, params_file), checkpoint, onnx_path)
+
+
+def load_segmenter(source: ModelSource, *, device: str, amp: bool) -> Segmenter:
     """The model to run: models/<name>/best.pt, --checkpoint, or with --onnx an ONNX export."""
-    if onnx is None:
-        if checkpoint is not None:
-            require(checkpoint.is_file(), f"--checkpoint {checkpoint}: no such file")
-        return TorchSegmenter.from_checkpoint(checkpoint or Path("models") / name / "best.pt", model_name=name,
-                                              expect_arch=arch, device=select_device(device), amp=amp)
-    require(checkpoint is None, "--checkpoint and --onnx both name a model: give only one")
-    path = Path(onnx) if onnx else Path("exports") / f"{name}.onnx"
+    if source.onnx is None:
+        if source.checkpoint is not None:
+            require(source.checkpoint.is_file(), f"--checkpoint {source.checkpoint}: no such file")
+        return TorchSegmenter.from_checkpoint(source.checkpoint or PROJECT.checkpoint(source.name),
+                                              model_name=source.name, expect_arch=source.arch,
+                                              device=select_device(device), amp=amp)
     try:  # imported here: onnxruntime is only needed for --onnx
-        from charseg.onnx import OnnxSegmenter, export_command, providers_for
+        from charseg.onnx import OnnxSegmenter, export_command
     except ImportError as err:
         raise CharsegError(f"--onnx is not available ({err}): install requirements.txt") from err
-    segmenter = OnnxSegmenter(path, providers=providers_for(device), model_name=name)
-    require(segmenter.meta.get("arch") == arch,
-            f"{path} holds a '{segmenter.meta.get('arch')}' model but params.yaml says arch '{arch}': "
-            f"re-export it with {export_command(path, name, overwrite=True)}")
+    segmenter = OnnxSegmenter(source.onnx, providers=ort_providers(device), model_name=source.name)
+    if source.arch is not None:
+        require(segmenter.meta.get("arch") == source.arch,
+                f"{source.onnx} holds a '{segmenter.meta.get('arch')}' model but params.yaml says arch "
+                f"'{source.arch}': re-export it with {export_command(source.onnx, source.name, overwrite=True)}")
     return segmenter
 
 
@@ -325,15 +354,67 @@ def _check_output(path: Path, *, is_dir: bool, overwrite: bool, source: Path) ->
                                f"{foreign[0]!r}): choose another --output")
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class Job:
+    """What to segment and where the results go, checked before the model is loaded."""
+    kind: str                   # "images" or "video"
+    inputs: list[Path]
+    output: Path
+    info: VideoInfo | None      # the video's (kind "video")
+    masks_dir: Path | None      # video with --save-masks: <output stem>.masks/
+
+
+def plan_job(source: Path, output: Path, *, overwrite: bool, save_masks: bool, video_only: dict[str, bool]) -> Job:
+    """Inputs and outputs checked before any work; video_only: option -> given, warned about for images."""
+    kind, inputs = find_inputs(source)
+    if kind == "video":
+        masks_dir = output.with_name(output.stem + MASKS_DIR_SUFFIX) if save_masks else None
+        require(output.suffix.lower() in CODECS, f"--output {output}: a video needs one of the suffixes "
+                                                 f"{', '.join(f'{s} ({c})' for s, c in CODECS.items())}")
+        info = probe_input(inputs[0])
+        check_output(output, is_dir=False, overwrite=overwrite, source=source)
+        if masks_dir:
+            check_output(masks_dir, is_dir=True, overwrite=overwrite, source=source)
+        return Job(kind, inputs, output, info, masks_dir)
+    require(output.suffix.lower() not in IMAGE_EXTENSIONS + tuple(CODECS),
+            f"--output {output}: for images it is a folder (masks and overlays go inside)")
+    check_output(output, is_dir=True, overwrite=overwrite, source=source)
+    for option, given in video_only.items():
+        if given:
+            warn(f"--{option} applies to video only: ignored for images")
+    return Job(kind, inputs, output, None, None)
+
+
+def run_job(job: Job, segmenter: Segmenter, *, threshold: float | None, batch_size: int, every: int,
+            smooth: float | None, label: str) -> str:
+    """Segment the job's inputs; returns the one-line summary."""
+    threshold = segmenter.meta["threshold"] if threshold is None else threshold
+    runtime = f"{label}, " + (f"torch on {segmenter.device}" if isinstance(segmenter, TorchSegmenter)
+                              else f"onnxruntime on {segmenter.providers[0]}")
+    start = time.perf_counter()
+    if job.kind == "images":
+        predict_images(segmenter, job.inputs, job.output, threshold=threshold, batch_size=batch_size)
+        rate = len(job.inputs) / (time.perf_counter() - start)
+        return (f"predict: {len(job.inputs)} image(s) -> {job.output}/ (<name>{MASK_SUFFIX} + <name>{OVERLAY_SUFFIX}), "
+                f"{rate:.1f} images/s ({runtime})")
+    result = predict_video(segmenter, job.info, job.output, threshold=threshold, batch_size=batch_size,
+                           every=every, smooth=smooth, masks_dir=job.masks_dir)
+    rate = result.frames / (time.perf_counter() - start)
+    masks = f" + masks in {job.masks_dir}/" if job.masks_dir else ""
+    return (f"predict: {result.frames} frames of {job.inputs[0]} -> {job.output}{masks}; model ran on "
+            f"{result.inferred}; {rate:.1f} frames/s ({runtime})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model name of params.yaml `models:`")
+    parser.add_argument("--model", metavar="NAME",
+                        help="run models/NAME/best.pt (train@NAME's output), or with --onnx exports/NAME.onnx")
     parser.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video")
     parser.add_argument("--output", required=True, type=Path,
                         help=f"images: a folder for masks and overlays; video: the overlay video ({', '.join(CODECS)})")
-    parser.add_argument("--checkpoint", type=Path, help="default: models/<NAME>/best.pt (train@NAME's output)")
+    parser.add_argument("--checkpoint", type=Path, help="run this checkpoint (default: models/NAME/best.pt)")
     parser.add_argument("--onnx", nargs="?", const="", metavar="PATH",
-                        help="run an ONNX export instead (default exports/<NAME>.onnx, from charseg export)")
+                        help="run an ONNX export instead (default exports/NAME.onnx, from charseg export)")
     parser.add_argument("--threshold", type=float,
                         help="foreground where probability > this (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
@@ -347,55 +428,23 @@ def main(argv: list[str] | None = None) -> None:
                              "for the newest) to cut mask flicker; lower is smoother but lags motion. Default off")
     parser.add_argument("--save-masks", action="store_true", help="video: also write <output stem>.masks/<frame>.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", type=Path,
+                        help="checks the model file against models.NAME.arch (default: ./params.yaml if there is one)")
     args = parser.parse_args(argv)
-
     require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     require(args.every >= 1, f"--every must be at least 1, got {args.every}")
     require(args.threshold is None or 0 <= args.threshold <= 1,
             f"--threshold must be in [0, 1], got {args.threshold}")
     require(args.smooth is None or 0 < args.smooth <= 1, f"--smooth must be in (0, 1], got {args.smooth}")
-    model_cfgs = section(load_params(args.params), "models")
-    cfg = model_cfgs.get(args.model)
-    require(cfg is not None, f"unknown model {args.model!r}: {args.params} `models:` has {', '.join(model_cfgs)}")
-    require(isinstance(cfg, dict) and "arch" in cfg,
-            f"{args.params}: models.{args.model} must be a mapping with an 'arch' key")
-    kind, inputs = find_inputs(args.input)
-    masks_dir = None
-    if kind == "video":
-        masks_dir = args.output.with_name(args.output.stem + MASKS_DIR_SUFFIX) if args.save_masks else None
-        suffix = args.output.suffix.lower()
-        require(suffix in CODECS, f"--output {args.output}: a video needs one of the suffixes "
-                                  f"{', '.join(f'{s} ({c})' for s, c in CODECS.items())}")
-        info = probe_input(inputs[0])
-        check_output(args.output, is_dir=False, overwrite=args.overwrite, source=args.input)
-        if masks_dir:
-            check_output(masks_dir, is_dir=True, overwrite=args.overwrite, source=args.input)
-    else:
-        require(args.output.suffix.lower() not in IMAGE_EXTENSIONS + tuple(CODECS),
-                f"--output {args.output}: for images it is a folder (masks and overlays go inside)")
-        check_output(args.output, is_dir=True, overwrite=args.overwrite, source=args.input)
-        for option, given in (("every", args.every != 1), ("smooth", args.smooth is not None),
-                              ("save-masks", args.save_masks)):
-            if given:
-                warn(f"--{option} applies to video only: ignored for images")
+    return args
 
-    segmenter = load_segmenter(args.model, cfg["arch"], checkpoint=args.checkpoint, onnx=args.onnx,
-                               device=args.device, amp=args.amp)
-    threshold = segmenter.meta["threshold"] if args.threshold is None else args.threshold
-    runtime = f"{args.model}, " + (f"torch on {segmenter.device}" if isinstance(segmenter, TorchSegmenter)
-                                   else f"onnxruntime on {segmenter.providers[0]}")
-    start = time.perf_counter()
-    if kind == "images":
-        predict_images(segmenter, inputs, args.output, threshold=threshold, batch_size=args.batch_size)
-        rate = len(inputs) / (time.perf_counter() - start)
-        print(f"predict: {len(inputs)} image(s) -> {args.output}/ (<name>{MASK_SUFFIX} + <name>{OVERLAY_SUFFIX}), "
-              f"{rate:.1f} images/s ({runtime})")
-        return
-    result = predict_video(segmenter, info, args.output, threshold=threshold, batch_size=args.batch_size,
-                           every=args.every, smooth=args.smooth, masks_dir=masks_dir)
-    rate = result.frames / (time.perf_counter() - start)
-    masks = f" + masks in {masks_dir}/" if masks_dir else ""
-    print(f"predict: {result.frames} frames of {args.input} -> {args.output}{masks}; model ran on {result.inferred}; "
-          f"{rate:.1f} frames/s ({runtime})")
 
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    source = choose_model(args.model, args.checkpoint, args.onnx, args.params)
+    job = plan_job(args.input, args.output, overwrite=args.overwrite, save_masks=args.save_masks,
+                   video_only={"every": args.every != 1, "smooth": args.smooth is not None,
+                               "save-masks": args.save_masks})
+    segmenter = load_segmenter(source, device=args.device, amp=args.amp)
+    print(run_job(job, segmenter, threshold=args.threshold, batch_size=args.batch_size, every=args.every,
+                  smooth=args.smooth, label=source.name or segmenter.meta.get("model_name", "model")))

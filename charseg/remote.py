@@ -12,7 +12,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from charseg.errors import CharsegError, run_cli
+from charseg.errors import CharsegError
 
 
 def _dvc(*args: str) -> str:

@@ -33,9 +33,10 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from charseg.errors import CharsegError, run_cli
+from charseg.errors import CharsegError
+from charseg.config import PARAMS_FILE, flatten, load_params, parse_yaml
 from charseg.io import atomic_dir, imwrite_atomic, write_csv, write_json, write_text_atomic
-from charseg.config import flatten, load_params, parse_yaml
+from charseg.layout import PROJECT
 from charseg.video import is_video_file
 
 # .mkv/.webm are not used: ffmpeg's Matroska muxer writes random UIDs, so the bytes would differ per run.
@@ -295,7 +296,7 @@ def generate(out_root: Path, seed: int = 0, duration_scale: float = 1.0) -> list
                 writer.release()
             written.append(videos_dir / rel)
         write_csv(truth_tmp / "index.csv", index_rows, ["video", "frame_index", "mask"])
-        write_json(videos_tmp / MARKER, {"generator": "stages.sample", "seed": seed, "duration_scale": duration_scale})
+        write_json(videos_tmp / MARKER, {"generator": "charseg sample", "seed": seed, "duration_scale": duration_scale})
     return written
 
 
@@ -400,7 +401,7 @@ def _tree_bytes(root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="writes <out>/videos and <out>/truth")
+    parser.add_argument("--out", type=Path, default=PROJECT.raw, help="writes <out>/videos and <out>/truth")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--duration-scale", type=float, default=1.0, help="clip length factor (1 = full sample)")
     parser.add_argument("--if-empty", action="store_true",
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(demo_overrides(args.print_overrides)))
         return
     if args.repro:
-        command = repro_command(args.out / "videos", Path("params.yaml"), args.repro)
+        command = repro_command(args.out / "videos", PARAMS_FILE, args.repro)
         os.execvp(command[0], command)
     if args.remove:
         removed = remove_sample(args.out)

@@ -1,4 +1,5 @@
-"""Split frames into train and validation so that no validation frame has a near-twin in train.
+"""Split frames into train and validation so that no validation frame has a near-twin in train (the library of
+the `split` stage; stages/split.py runs `write_split`).
 
 Frames of one video look alike, so whole videos go to one side:
 - a character with >= 2 videos gets >= 1 video on each side, choosing the set of validation videos
@@ -22,7 +23,6 @@ split applies the choice, so toggling `labels.keep_empty` reruns the split, not 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from bisect import bisect_right
 from collections import Counter, defaultdict
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from charseg.errors import require, run_cli, warn
+from charseg.config import SplitConfig
+from charseg.errors import require, warn
 from charseg.io import check_writable, read_manifest, write_json
-from charseg.config import load_params, number, section
 
 REQUIRED_COLUMNS = ("id", "character", "video", "timestamp")
 KNOWN_STATUSES = ("labelled", "empty", "failed")
@@ -127,12 +127,10 @@ def split_in_time(rows: list[dict[str, Any]], val_fraction: float,
     return best
 
 
-def make_split(rows: list[dict[str, Any]], val_fraction: float, seed: int, gap_seconds: float,
-               keep_statuses: set[str]) -> tuple[dict[str, list[str]], dict[str, float | int]]:
-    require(0 < val_fraction < 1, f"params.yaml: 'split.val_fraction' = {val_fraction} must be between 0 and 1 "
-                                  f"(exclusive), e.g. 0.2")
-    require(gap_seconds >= 0, f"params.yaml: 'split.gap_seconds' = {gap_seconds} must be >= 0")
-    characters = sorted({r["character"] for r in rows})
+def _usable_rows(rows: list[dict[str, Any]],
+                 keep_statuses: set[str]) -> tuple[dict[str, list[dict]], Counter[str]]:
+    """The rows kept by their status, per character, and how many rows of each character the status drops.
+    Checks that each video belongs to one character and that every status is known."""
     owners = defaultdict(set)
     for row in rows:
         owners[row["video"]].add(row["character"])
@@ -140,8 +138,7 @@ def make_split(rows: list[dict[str, Any]], val_fraction: float, seed: int, gap_s
         require(len(owners[video]) == 1, f"video {video!r} is listed under several characters "
                                          f"({', '.join(sorted(owners[video]))}): each video belongs to one "
                                          f"character folder; re-run the stage that wrote the manifest")
-
-    dropped_by_status: Counter = Counter()
+    dropped_by_status: Counter[str] = Counter()
     usable: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         status = row.get("status")
@@ -152,93 +149,97 @@ def make_split(rows: list[dict[str, Any]], val_fraction: float, seed: int, gap_s
             usable[row["character"]].append(row)
         else:
             dropped_by_status[row["character"]] += 1
+    return usable, dropped_by_status
 
+
+def split_character(character: str, rows: list[dict[str, Any]], val_fraction: float, seed: int,
+                    gap_seconds: float) -> tuple[list[dict], list[dict], dict[str, int], str]:
+    """(train rows, val rows, video counts, how) of one character's usable rows. `how`: "videos" (whole videos
+    on each side), "time" (its single video cut in time) or "train_only" (one video too short to cut)."""
+    by_video: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_video[row["video"]].append(row)
+    if len(by_video) >= 2:
+        val_videos = choose_val_videos({v: len(r) for v, r in by_video.items()}, val_fraction,
+                                       character_rng(seed, character))
+        train = [r for v in by_video if v not in val_videos for r in by_video[v]]
+        val = [r for v in val_videos for r in by_video[v]]
+        return train, val, {"train_videos": len(by_video) - len(val_videos), "val_videos": len(val_videos)}, "videos"
+    blocks = split_in_time(rows, val_fraction, gap_seconds)
+    if blocks is None:
+        warn(f"character {character!r} has one video with {len(rows)} usable frame(s), too short for "
+             f"a train block, a {gap_seconds} s gap and a validation block: all of it goes to train "
+             f"(add a second video or lower split.gap_seconds)")
+        return rows, [], {"train_videos": 1}, "train_only"
+    train, val = blocks
+    return train, val, {"train_videos": 1, "val_videos": 1,
+                        "dropped_by_gap": len(rows) - len(train) - len(val)}, "time"
+
+
+def make_split(rows: list[dict[str, Any]], val_fraction: float, seed: int, gap_seconds: float,
+               keep_statuses: set[str]) -> tuple[dict[str, list[str]], dict[str, float | int]]:
+    """({"train": ids, "val": ids}, metrics) of the manifest rows; `val_fraction` in (0, 1) and `gap_seconds`
+    >= 0 (the params schema checks both)."""
+    usable, dropped_by_status = _usable_rows(rows, keep_statuses)
     train: list[str] = []
     val: list[str] = []
     per_character: dict[str, dict[str, int]] = {}
-    skipped, train_only, time_split = 0, 0, 0
-    for character in characters:
+    how: Counter[str] = Counter()
+    for character in sorted({r["character"] for r in rows}):
+        stats = per_character[character] = {"train_frames": 0, "val_frames": 0, "train_videos": 0, "val_videos": 0,
+                                            "dropped_by_gap": 0, "dropped_by_status": dropped_by_status[character]}
         char_rows = usable.get(character, [])
-        stats = {"train_frames": 0, "val_frames": 0, "train_videos": 0, "val_videos": 0,
-                 "dropped_by_gap": 0, "dropped_by_status": dropped_by_status[character]}
-        per_character[character] = stats
         if not char_rows:
             warn(f"character {character!r} has no usable frames (statuses kept: {', '.join(sorted(keep_statuses))}): "
                  f"left out of the split")
-            skipped += 1
+            how["skipped"] += 1
             continue
-        by_video: dict[str, list[dict]] = defaultdict(list)
-        for row in char_rows:
-            by_video[row["video"]].append(row)
-        if len(by_video) >= 2:
-            val_videos = choose_val_videos({v: len(r) for v, r in by_video.items()}, val_fraction,
-                                           character_rng(seed, character))
-            char_train = [r for v in by_video if v not in val_videos for r in by_video[v]]
-            char_val = [r for v in val_videos for r in by_video[v]]
-            stats["train_videos"], stats["val_videos"] = len(by_video) - len(val_videos), len(val_videos)
-        else:
-            blocks = split_in_time(char_rows, val_fraction, gap_seconds)
-            if blocks is None:
-                warn(f"character {character!r} has one video with {len(char_rows)} usable frame(s), too short for "
-                     f"a train block, a {gap_seconds} s gap and a validation block: all of it goes to train "
-                     f"(add a second video or lower split.gap_seconds)")
-                char_train, char_val = char_rows, []
-                stats["train_videos"] = 1
-                train_only += 1
-            else:
-                char_train, char_val = blocks
-                stats["train_videos"] = stats["val_videos"] = 1
-                stats["dropped_by_gap"] = len(char_rows) - len(char_train) - len(char_val)
-                time_split += 1
-        stats["train_frames"], stats["val_frames"] = len(char_train), len(char_val)
+        char_train, char_val, counts, kind = split_character(character, char_rows, val_fraction, seed, gap_seconds)
+        stats.update(counts, train_frames=len(char_train), val_frames=len(char_val))
+        how[kind] += 1
         train += [r["id"] for r in char_train]
         val += [r["id"] for r in char_val]
-
     require(val, "the split has no validation frames: every character has a single video too short to cut "
                  "(see the warnings above); add videos, lower split.gap_seconds or raise split.val_fraction")
     require(train, "the split has no training frames: lower split.val_fraction or add videos")
+    return {"train": sorted(train), "val": sorted(val)}, split_metrics(len(rows), per_character, how)
+
+
+def split_metrics(frames_in_manifest: int, per_character: dict[str, dict[str, int]],
+                  how: Counter[str]) -> dict[str, float | int]:
+    """Flat, numbers-only metrics: totals, then per_character/<name>/<count>."""
+    def total(name: str) -> int:
+        return sum(stats[name] for stats in per_character.values())
+
+    n_train, n_val = total("train_frames"), total("val_frames")
     metrics: dict[str, float | int] = {
-        "frames_in_manifest": len(rows),
-        "train_frames": len(train),
-        "val_frames": len(val),
-        "val_fraction_achieved": round(len(val) / (len(train) + len(val)), 6),
-        "dropped_by_gap": sum(s["dropped_by_gap"] for s in per_character.values()),
-        "dropped_by_status": sum(dropped_by_status.values()),
-        "train_videos": sum(s["train_videos"] for s in per_character.values()),
-        "val_videos": sum(s["val_videos"] for s in per_character.values()),
-        "characters": len(characters) - skipped,
-        "characters_skipped": skipped,
-        "characters_train_only": train_only,
-        "videos_split_in_time": time_split,
+        "frames_in_manifest": frames_in_manifest,
+        "train_frames": n_train,
+        "val_frames": n_val,
+        "val_fraction_achieved": round(n_val / (n_train + n_val), 6),
+        "dropped_by_gap": total("dropped_by_gap"),
+        "dropped_by_status": total("dropped_by_status"),
+        "train_videos": total("train_videos"),
+        "val_videos": total("val_videos"),
+        "characters": len(per_character) - how["skipped"],
+        "characters_skipped": how["skipped"],
+        "characters_train_only": how["train_only"],
+        "videos_split_in_time": how["time"],
     }
     for character, stats in per_character.items():
         for name, value in stats.items():
             metrics[f"per_character/{character}/{name}"] = value
-    return {"train": sorted(train), "val": sorted(val)}, metrics
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", type=Path, default=Path("data/frames/manifest.csv"),
-                        help="frames or masks manifest (a 'status' column, when present, filters rows)")
-    parser.add_argument("--out", type=Path, default=Path("data/split.json"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/split.json"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    cfg = section(params, "split")
-    keep_empty = params.get("labels", {}).get("keep_empty")
-    require(isinstance(keep_empty, bool), f"params.yaml: 'labels.keep_empty' must be true or false, got {keep_empty!r}")
-    val_fraction = number(cfg, "val_fraction", where="split")
-    seed = number(cfg, "seed", lo=0, integer=True, where="split")
-    gap_seconds = number(cfg, "gap_seconds", lo=0, where="split")
-    for output in (args.out, args.metrics):  # both or neither: a read-only metrics/ must not follow a new split
+def write_split(manifest: Path, out: Path, metrics_path: Path, cfg: SplitConfig,
+                keep_empty: bool) -> dict[str, float | int]:
+    """Split the frames or masks manifest into `out` ({"train": ids, "val": ids}) and its metrics into
+    `metrics_path` (both or neither); `keep_empty`: labels.keep_empty. Returns the metrics."""
+    for output in (out, metrics_path):  # both or neither: a read-only metrics/ must not follow a new split
         check_writable(output)
-    split, metrics = make_split(read_rows(args.manifest), val_fraction, seed, gap_seconds,
+    split, metrics = make_split(read_rows(manifest), cfg.val_fraction, cfg.seed, cfg.gap_seconds,
                                 usable_statuses(keep_empty))
-    write_json(args.out, split)
-    write_json(args.metrics, metrics)
-    print(f"split: {metrics['train_frames']} train / {metrics['val_frames']} val frames "
-          f"(val share {metrics['val_fraction_achieved']:.3f}), {metrics['dropped_by_gap']} dropped by the gap, "
-          f"{metrics['dropped_by_status']} by status")
-
+    write_json(out, split)
+    write_json(metrics_path, metrics)
+    return metrics

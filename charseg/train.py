@@ -1,8 +1,14 @@
-"""Train one model of params.yaml `models:` on the split: `python -m stages.train <name>` (stage train@<name>).
+"""Train one model of params.yaml `models:` on the split: what stage train@<name> runs (stages/train.py).
 
 Dice loss, AdamW with warm-up + cosine schedule, train-side augmentation, validation Dice over the
-whole validation set each epoch; the best epoch by that Dice is `models/<name>/best.pt`. dvclive logs
-the curves to `dvclive/<name>/` (no dvc.yaml of its own: the root dvc.yaml declares them).
+whole validation set each epoch; the best epoch by that Dice is `<models>/<name>/best.pt`. dvclive logs
+the curves to `<live>/<name>/` (no dvc.yaml of its own: the root dvc.yaml declares them).
+
+A run is a `Trainer` in seams that `train_model` calls in order, and that tests and tools can drive one by
+one: `Trainer.setup` (sizes check, pair cache, normalisation, precision, seeding, model, loaders,
+optimisation) -> `resume_or_start` (fingerprint, resume state, history and best) -> for each of
+`remaining_epochs()`: `fit_epoch` (train, validate, divergence check; returns the history entry) then `save`
+(best checkpoint, resume state, dvclive) -> `finish`.
 
 Resume: DVC deletes a stage's outputs before running it, so the resume state (last finished epoch,
 optimizer, scheduler, scaler, RNG, history, and the best weights so far) lives outside them, in
@@ -16,7 +22,6 @@ only rank 0 writes files. batch_size is per process.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -25,8 +30,8 @@ import math
 import os
 import random
 import shutil
-import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,65 +44,35 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from charseg import metrics, models
-from charseg.data import (Augment, PairDataset, cache_pairs, has_foreground, loader_worker_init, normalize,
-                        read_split)
-from charseg.errors import CharsegError, require, run_cli
+from charseg.config import ModelConfig, TrainConfig
+from charseg.data import Augment, PairDataset, cache_pairs, has_foreground, loader_worker_init, normalize, read_split
+from charseg.device import Precision, select_device, wants_cuda
+from charseg.errors import CharsegError, require
 from charseg.io import write_bytes_atomic
-from charseg.config import load_params, number, section
+from charseg.layout import PROJECT, FramesDir, MasksDir, ResumeFiles, checkpoint_in, train_state_in
 
 STATE_FORMAT = 1
+Entry = dict[str, float]  # one epoch of the history: epoch, train/loss, val/loss, val/dice, lr
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The shared training params (top-level keys and the `train:` section of params.yaml)."""
-    lr: float
-    weight_decay: float
-    epochs: int
-    batch_size: int
-    img_size: int
-    seed: int
-    warmup_epochs: float
-    min_lr_ratio: float
-    patience: int
-    workers: int
-    amp: bool
-    augment: Augment
+class TrainPaths:
+    """What a training run reads (the split, frames and masks stage folders) and the folders it writes to."""
+    split: Path
+    frames: FramesDir
+    masks: MasksDir
+    models: Path = PROJECT.models  # <models>/<name>/best.pt
+    live: Path = PROJECT.live      # dvclive logs in <live>/<name>/
+    cache: Path = PROJECT.cache    # pre-resized pairs, and the resume state in <cache>/train/<name>/
 
+    def checkpoint(self, name: str) -> Path:
+        return checkpoint_in(self.models, name)
 
-def read_config(params: dict[str, Any]) -> TrainConfig:
-    train = section(params, "train")
-    augment = train.get("augment")
-    require(isinstance(augment, dict), "params.yaml has no 'train.augment:' section (hflip, scale, shift, color)")
-    require(isinstance(train.get("amp"), bool), "params.yaml: 'train.amp' must be true or false")
-    return TrainConfig(
-        lr=number(params, "lr", lo=0, lo_open=True),  # the same ranges as params.SCHEMA
-        weight_decay=number(params, "weight_decay", lo=0),
-        epochs=number(params, "epochs", lo=1, integer=True),
-        # BatchNorm after global pooling (PSPNet, DeepLabV3) cannot train on a batch of one.
-        batch_size=number(params, "batch_size", lo=2, integer=True),
-        img_size=number(params, "img_size", lo=32, integer=True),
-        seed=number(params, "seed", lo=0, integer=True),
-        warmup_epochs=number(train, "warmup_epochs", lo=0, where="train"),
-        min_lr_ratio=number(train, "min_lr_ratio", lo=0, hi=1, where="train"),
-        patience=number(train, "patience", lo=0, integer=True, where="train"),
-        workers=number(train, "workers", lo=0, integer=True, where="train"),
-        amp=train["amp"],
-        augment=Augment(hflip=number(augment, "hflip", lo=0, hi=1, where="train.augment"),
-                        scale=number(augment, "scale", lo=0, hi=0.9, where="train.augment"),
-                        shift=number(augment, "shift", lo=0, hi=0.5, where="train.augment"),
-                        color=number(augment, "color", lo=0, hi=1, where="train.augment")),
-    )
+    def live_dir(self, name: str) -> Path:
+        return self.live / name
 
-
-def model_config(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """The models.<name> cfg; an unknown name lists the valid ones."""
-    known = section(params, "models")
-    if name not in known:
-        raise CharsegError(f"unknown model '{name}': params.yaml 'models:' defines {', '.join(known)}; "
-                           f"run python -m stages.train <one of them>")
-    require(isinstance(known[name], dict), f"params.yaml: models.{name} must be a mapping (arch, encoder, ...)")
-    return known[name]
+    def resume(self, name: str) -> ResumeFiles:
+        return train_state_in(self.cache, name)
 
 
 @dataclass(frozen=True)
@@ -126,12 +101,18 @@ class Processes:
             for buffer in model.buffers():
                 torch_dist.broadcast(buffer, src=0)
 
+    def close(self) -> None:
+        if self.world_size > 1:
+            torch_dist.destroy_process_group()
 
-def _start_processes(device: str) -> tuple[Processes, torch.device]:
+
+def start_processes(device: str) -> tuple[Processes, torch.device]:
+    """This process's rank and device: one process on the `--device`, or under torchrun one per GPU (NCCL)
+    or per CPU process (gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if world_size == 1:
-        return Processes(), torch.device(("cuda" if use_cuda else "cpu") if device == "auto" else device)
+        return Processes(), select_device(device)
+    use_cuda = wants_cuda(device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -165,7 +146,7 @@ def _torch_save(path: Path, payload: dict[str, Any]) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _log_epoch(live: Any, entry: dict[str, float], best: dict[str, float]) -> None:
+def _log_epoch(live: Any, entry: Entry, best: Entry) -> None:
     live.step = entry["epoch"]
     for key in ("train/loss", "val/loss", "val/dice", "lr"):
         live.log_metric(key, entry[key])
@@ -175,7 +156,7 @@ def _log_epoch(live: Any, entry: dict[str, float], best: dict[str, float]) -> No
     live.next_step()
 
 
-def _open_live(live_dir: Path, history: list[dict[str, float]]) -> Any:
+def _open_live(live_dir: Path, history: list[Entry]) -> Any:
     """A fresh dvclive directory holding the epochs of `history` (a resumed run's finished epochs)."""
     from dvclive import Live  # imports DVC: only the process that logs pays for it
 
@@ -192,25 +173,21 @@ def _open_live(live_dir: Path, history: list[dict[str, float]]) -> Any:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how batches run: processes, device, mixed precision, and the encoder's normalisation."""
+    """Where and how batches run: processes, device precision, and the encoder's normalisation."""
     procs: Processes
-    device: torch.device
-    amp_dtype: torch.dtype | None
+    precision: Precision
     mean: list[float]
     std: list[float]
 
     @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+    def device(self) -> torch.device:
+        return self.precision.device
 
     def batch(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 loader output -> (normalised model input, float target) on the device."""
         images = images.to(self.device, non_blocking=True)
-        inputs = normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
+        inputs = normalize(images, self.mean, self.std).contiguous(memory_format=self.precision.memory_format)
         return inputs, masks.to(self.device, non_blocking=True).float()
-
-    def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def weighted(self, value: torch.Tensor, weight: int) -> torch.Tensor:
         """[value * weight, weight]: summed over batches and processes, the two give a frame-weighted mean."""
@@ -240,33 +217,67 @@ class Optimization:
             getattr(self, part).load_state_dict(part_state)
 
 
-def _optimization(model: torch.nn.Module, model_cfg: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int,
-                  amp_dtype: torch.dtype | None) -> Optimization:
-    optimizer = torch.optim.AdamW(models.param_groups(model, model_cfg, cfg.lr, cfg.weight_decay))
+def _optimization(model: torch.nn.Module, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
+                  precision: Precision) -> Optimization:
+    optimizer = torch.optim.AdamW(models.param_groups(model, model_cfg.params, cfg.lr, cfg.weight_decay,
+                                                      name=model_cfg.name))
     warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps, cfg.min_lr_ratio))
-    return Optimization(optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16))
+    return Optimization(optimizer, scheduler,
+                        torch.amp.GradScaler("cuda", enabled=precision.amp_dtype == torch.float16))
 
 
-def _resume_state(model: torch.nn.Module, opt: Optimization, fingerprint: str, history: list[dict[str, float]],
-                  best: dict[str, float], device: torch.device) -> dict[str, Any]:
-    # Only torch generators need saving: augmentation draws from (seed, epoch, index), not global state.
-    return {"fingerprint": fingerprint, "model": model.state_dict(), "optimization": opt.state_dict(),
-            "history": history, "best": best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+@dataclass(frozen=True)
+class Loaders:
+    """The augmented, shuffled training side and the plain validation side, both split across processes."""
+    train_set: PairDataset
+    sampler: DistributedSampler
+    train: DataLoader
+    val: DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
 
 
-def _resume(state: dict[str, Any], model: torch.nn.Module, opt: Optimization,
-            device: torch.device) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Load a _resume_state into model and optimization; returns (history, best)."""
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimization"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    return state["history"], state["best"]
+def _loaders(train_files: list[Path], val_files: list[Path], cfg: TrainConfig, procs: Processes,
+             device: torch.device) -> Loaders:
+    train_set = PairDataset(train_files, Augment(cfg.augment), seed=cfg.seed)
+    # Shuffled by (seed, epoch) and split across processes; a single process is rank 0 of 1.
+    sampler = DistributedSampler(train_set, num_replicas=procs.world_size, rank=procs.rank, seed=cfg.seed)
+    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
+                   "worker_init_fn": loader_worker_init}
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                              drop_last=len(sampler) >= cfg.batch_size, **loader_args)
+    # Validation shards are disjoint and unpadded, so the summed counts cover each frame exactly once.
+    val_loader = DataLoader(PairDataset(val_files), batch_size=cfg.batch_size,
+                            sampler=range(procs.rank, len(val_files), procs.world_size), **loader_args)
+    return Loaders(train_set, sampler, train_loader, val_loader)
+
+
+def _cached_sides(paths: TrainPaths, img_size: int, procs: Processes) -> tuple[list[Path], list[Path]]:
+    """Cache files of the train and val sides, checked for the problems training cannot survive."""
+    sides = dict(zip(("train", "val"), read_split(paths.split)))
+    require(len(sides["train"]) >= 2 * procs.world_size,
+            f"{paths.split} has {len(sides['train'])} training frame(s): at least 2 per process are needed")
+    files = {}
+    for side, ids in sides.items():
+        if procs.world_size > 1:  # each process decodes its share of a cold cache first
+            cache_pairs(ids[procs.rank::procs.world_size], paths.frames, paths.masks, img_size, paths.cache,
+                        progress=procs.is_main)
+            procs.barrier()
+        files[side] = cache_pairs(ids, paths.frames, paths.masks, img_size, paths.cache, progress=procs.is_main)
+        require(has_foreground(files[side]),
+                f"every mask on the '{side}' side of {paths.split} is empty: there is nothing to segment. "
+                f"Check the masks stage ({paths.masks.manifest})")
+    return files["train"], files["val"]
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class _Diverged(Exception):
@@ -275,15 +286,15 @@ class _Diverged(Exception):
         self.batch, self.loss = batch, loss
 
 
-def _train_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module, opt: Optimization,
-                 rt: Runtime, desc: str) -> float:
+def _train_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: Callable[..., torch.Tensor],
+                 opt: Optimization, rt: Runtime, desc: str) -> float:
     """One pass over the training side; the mean loss. Raises _Diverged before a non-finite loss is applied."""
     model.train()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=rt.device)
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.procs.is_main)
     for batch, (images, masks) in enumerate(bar, start=1):
         inputs, target = rt.batch(images, masks)
-        with rt.autocast():
+        with rt.precision.autocast():
             logits = model(inputs)
         loss = loss_fn(logits.float(), target)
         # Summed over processes (which all run the same number of batches), so a NaN anywhere stops them all.
@@ -297,7 +308,7 @@ def _train_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.M
 
 
 @torch.no_grad()
-def _validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module,
+def _validate(model: torch.nn.Module, loader: DataLoader, loss_fn: Callable[..., torch.Tensor],
               rt: Runtime) -> tuple[float, float]:
     """(loss, Dice) over the whole validation set: pixel counts summed over every batch and process."""
     model.eval()
@@ -305,7 +316,7 @@ def _validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modu
     counts = metrics.Counts.zero()
     for images, masks in loader:
         inputs, target = rt.batch(images, masks)
-        with rt.autocast():
+        with rt.precision.autocast():
             logits = model(inputs).float()
         loss_sum += rt.weighted(loss_fn(logits, target), len(inputs))
         counts += metrics.confusion(torch.sigmoid(logits) > models.THRESHOLD, target.bool())
@@ -316,157 +327,151 @@ def _validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modu
     return (loss_sum[0] / loss_sum[1]).item(), metrics.dice(metrics.Counts(*totals.cpu().numpy()))
 
 
-def train_model(name: str, model_cfg: dict[str, Any], cfg: TrainConfig, *, split: Path, frames_dir: Path,
-                masks_dir: Path, out_dir: Path, live_dir: Path, cache_dir: Path, device: str = "auto",
-                after_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Train and write out_dir/best.pt; returns the best epoch's entry (epoch, losses, Dice, lr).
+@dataclass
+class Trainer:
+    """One training run of one model; see the module docstring for the order of its seams.
 
-    after_epoch(entry) runs on every process once an epoch's state is saved (progress hooks, tests).
-    """
-    procs, torch_device = _start_processes(device)
-    try:
-        return _train(name, model_cfg, cfg, procs, torch_device, split=split, frames_dir=frames_dir,
-                      masks_dir=masks_dir, out_dir=out_dir, live_dir=live_dir, cache_dir=cache_dir,
-                      after_epoch=after_epoch)
-    finally:
-        if procs.world_size > 1:
-            torch_dist.destroy_process_group()
+    `loss_fn` is the training and validation loss (Dice); `history` holds the saved epochs and `best` the best
+    of them by validation Dice (epoch 0 until one is saved)."""
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    paths: TrainPaths
+    rt: Runtime
+    model: torch.nn.Module
+    loaders: Loaders
+    optimization: Optimization
+    fingerprint: str
+    loss_fn: Callable[..., torch.Tensor] = field(default_factory=dice_loss)
+    history: list[Entry] = field(default_factory=list)
+    best: Entry = field(default_factory=lambda: {"val/dice": -1.0, "epoch": 0})
+    trained: torch.nn.Module | None = None  # the model, wrapped in DDP under torchrun
+    live: Any = None                          # dvclive, on the main process
 
+    @classmethod
+    def setup(cls, model_cfg: ModelConfig, cfg: TrainConfig, paths: TrainPaths, *, device: torch.device,
+              procs: Processes = Processes()) -> Trainer:
+        """Checks, cached pairs, the model (seeded by cfg.seed), loaders and optimisation; writes nothing
+        but the pair cache."""
+        name = model_cfg.name
+        models.check_img_size(model_cfg.params, cfg.img_size, name=name)
+        train_files, val_files = _cached_sides(paths, cfg.img_size, procs)
+        mean, std = models.normalization(model_cfg.params, name=name)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv algorithms once
+        rt = Runtime(procs, Precision.for_device(device, cfg.amp), mean, std)
+        _seed(cfg.seed)
+        model = models.build_model(model_cfg.params, name=name).to(device, memory_format=rt.precision.memory_format)
+        loaders = _loaders(train_files, val_files, cfg, procs, device)
+        optimization = _optimization(model, model_cfg, cfg, len(loaders.train), rt.precision)
+        fingerprint = _fingerprint(name, model_cfg.params, cfg, procs.world_size, train_files, val_files)
+        return cls(model_cfg, cfg, paths, rt, model, loaders, optimization, fingerprint)
 
-def _cached_sides(split: Path, frames_dir: Path, masks_dir: Path, img_size: int, cache_dir: Path,
-                  procs: Processes) -> tuple[list[Path], list[Path]]:
-    """Cache files of the train and val sides, checked for the problems training cannot survive."""
-    sides = dict(zip(("train", "val"), read_split(split)))
-    require(len(sides["train"]) >= 2 * procs.world_size,
-            f"{split} has {len(sides['train'])} training frame(s): at least 2 per process are needed")
-    files = {}
-    for side, ids in sides.items():
-        if procs.world_size > 1:  # each process decodes its share of a cold cache first
-            cache_pairs(ids[procs.rank::procs.world_size], frames_dir, masks_dir, img_size, cache_dir,
-                        progress=procs.is_main)
-            procs.barrier()
-        files[side] = cache_pairs(ids, frames_dir, masks_dir, img_size, cache_dir, progress=procs.is_main)
-        require(has_foreground(files[side]), f"every mask on the '{side}' side of {split} is empty: there is "
-                                             f"nothing to segment. Check the masks stage (data/masks/manifest.csv)")
-    return files["train"], files["val"]
+    @property
+    def name(self) -> str:
+        return self.model_cfg.name
 
-
-def _train(name: str, model_cfg: dict[str, Any], cfg: TrainConfig, procs: Processes, device: torch.device, *,
-           split: Path, frames_dir: Path, masks_dir: Path, out_dir: Path, live_dir: Path, cache_dir: Path,
-           after_epoch: Callable[[dict[str, float]], None] | None) -> dict[str, float]:
-    models.check_img_size(model_cfg, cfg.img_size, name=name)
-    train_files, val_files = _cached_sides(split, frames_dir, masks_dir, cfg.img_size, cache_dir, procs)
-    mean, std = models.normalization(model_cfg, name=name)
-    amp_dtype = None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv algorithms once
-        if cfg.amp:
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    rt = Runtime(procs, device, amp_dtype, mean, std)
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = models.build_model(model_cfg, name=name).to(device, memory_format=rt.memory_format)
-    train_set = PairDataset(train_files, cfg.augment, seed=cfg.seed)
-    # Shuffled by (seed, epoch) and split across processes; a single process is rank 0 of 1.
-    sampler = DistributedSampler(train_set, num_replicas=procs.world_size, rank=procs.rank, seed=cfg.seed)
-    loader_args = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
-                   "worker_init_fn": loader_worker_init}
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                              drop_last=len(sampler) >= cfg.batch_size, **loader_args)
-    # Validation shards are disjoint and unpadded, so the summed counts cover each frame exactly once.
-    val_loader = DataLoader(PairDataset(val_files), batch_size=cfg.batch_size,
-                            sampler=range(procs.rank, len(val_files), procs.world_size), **loader_args)
-    opt = _optimization(model, model_cfg, cfg, len(train_loader), amp_dtype)
-
-    state_dir = Path(cache_dir) / "train" / name
-    state_file, best_file, out_file = state_dir / "last.pt", state_dir / "best.pt", Path(out_dir) / "best.pt"
-    fingerprint = _fingerprint(name, model_cfg, cfg, procs.world_size, train_files, val_files)
-    history: list[dict[str, float]] = []
-    best: dict[str, float] = {"val/dice": -1.0, "epoch": 0}
-    state = torch.load(state_file, map_location=device, weights_only=True) if state_file.is_file() else None
-    if state is not None and state["fingerprint"] == fingerprint and best_file.is_file():
-        history, best = _resume(state, model, opt, device)
-        if procs.is_main:
-            write_bytes_atomic(out_file, best_file.read_bytes())
-            tqdm.write(f"{name}: resuming after epoch {history[-1]['epoch']} from {state_file}")
-    elif state is not None and procs.is_main:
-        tqdm.write(f"{name}: {state_file} belongs to other params or data: starting afresh")
-
-    live = _open_live(live_dir, history) if procs.is_main else None
-
-    trained = DistributedDataParallel(model) if procs.world_size > 1 else model
-    loss_fn = dice_loss()
-    for epoch in range(history[-1]["epoch"] + 1 if history else 1, cfg.epochs + 1):
-        if cfg.patience and epoch - best["epoch"] > cfg.patience:
+    def resume_or_start(self) -> None:
+        """Continue after the last finished epoch of a resume state with this run's fingerprint, else start
+        afresh; then open dvclive (holding the resumed epochs) and wrap the model for DDP."""
+        files, procs = self.paths.resume(self.name), self.rt.procs
+        state = torch.load(files.last, map_location=self.rt.device, weights_only=True) \
+            if files.last.is_file() else None
+        if state is not None and state["fingerprint"] == self.fingerprint and files.best.is_file():
+            self._load_state(state)
             if procs.is_main:
-                tqdm.write(f"{name}: early stop, no better val Dice for {cfg.patience} epochs")
-            break
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+                write_bytes_atomic(self.paths.checkpoint(self.name), files.best.read_bytes())
+                tqdm.write(f"{self.name}: resuming after epoch {self.history[-1]['epoch']} from {files.last}")
+        elif state is not None and procs.is_main:
+            tqdm.write(f"{self.name}: {files.last} belongs to other params or data: starting afresh")
+        self.live = _open_live(self.paths.live_dir(self.name), self.history) if procs.is_main else None
+        self.trained = DistributedDataParallel(self.model) if procs.world_size > 1 else self.model
+
+    def _state(self) -> dict[str, Any]:
+        # Only torch generators need saving: augmentation draws from (seed, epoch, index), not global state.
+        cuda = self.rt.device.type == "cuda"
+        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                "optimization": self.optimization.state_dict(), "history": self.history, "best": self.best,
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimization.load_state_dict(state["optimization"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if self.rt.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.history, self.best = state["history"], state["best"]
+
+    def remaining_epochs(self) -> Iterator[int]:
+        """The epochs still to run, up to cfg.epochs; stops early after cfg.patience epochs without a better
+        validation Dice (0: never). Reads `best` as `save` updates it."""
+        for epoch in range(self.history[-1]["epoch"] + 1 if self.history else 1, self.cfg.epochs + 1):
+            if self.cfg.patience and epoch - self.best["epoch"] > self.cfg.patience:
+                if self.rt.procs.is_main:
+                    tqdm.write(f"{self.name}: early stop, no better val Dice for {self.cfg.patience} epochs")
+                return
+            yield epoch
+
+    def fit_epoch(self, epoch: int) -> Entry:
+        """Train one epoch and validate; the history entry (not yet saved). A non-finite training loss stops
+        training with a CharsegError before it reaches the weights."""
+        self.loaders.set_epoch(epoch)
         try:
-            train_loss = _train_epoch(trained, train_loader, loss_fn, opt, rt,
-                                      desc=f"{name} epoch {epoch}/{cfg.epochs}")
+            trained = self.model if self.trained is None else self.trained
+            train_loss = _train_epoch(trained, self.loaders.train, self.loss_fn,
+                                      self.optimization, self.rt, desc=f"{self.name} epoch {epoch}/{self.cfg.epochs}")
         except _Diverged as err:
-            kept = (f"the best checkpoint so far (epoch {best['epoch']}, val Dice {best['val/dice']:.4f}) is "
-                    f"kept in {out_file}" if best["epoch"] else "no epoch finished, so no checkpoint was written")
-            raise CharsegError(f"{name}: the training loss became {err.loss} at epoch {epoch}, batch {err.batch}: "
-                               f"training diverged. Lower lr (dvc exp run -S lr=...) or set train.amp: false; "
-                               f"{kept}") from None
-        procs.sync_buffers(model)
-        val_loss, val_dice = _validate(model, val_loader, loss_fn, rt)
-        entry = {"epoch": epoch, "train/loss": train_loss, "val/loss": val_loss, "val/dice": val_dice,
-                 "lr": max(opt.scheduler.get_last_lr())}
-        history.append(entry)
-        if val_dice > best["val/dice"]:
-            best = entry
+            best = self.best
+            kept = (f"the best checkpoint so far (epoch {best['epoch']}, val Dice {best['val/dice']:.4f}) is kept "
+                    f"in {self.paths.checkpoint(self.name)}" if best["epoch"] else
+                    "no epoch finished, so no checkpoint was written")
+            raise CharsegError(f"{self.name}: the training loss became {err.loss} at epoch {epoch}, batch "
+                               f"{err.batch}: training diverged. Lower lr (dvc exp run -S lr=...) or set "
+                               f"train.amp: false; {kept}") from None
+        self.rt.procs.sync_buffers(self.model)
+        val_loss, val_dice = _validate(self.model, self.loaders.val, self.loss_fn, self.rt)
+        return {"epoch": epoch, "train/loss": train_loss, "val/loss": val_loss, "val/dice": val_dice,
+                "lr": max(self.optimization.scheduler.get_last_lr())}
+
+    def save(self, entry: Entry) -> None:
+        """Add the epoch to the history; on the main process write the checkpoint if it is the best so far,
+        the resume state and the dvclive step. Every process waits for that."""
+        self.history.append(entry)
+        procs, files, out_file = self.rt.procs, self.paths.resume(self.name), self.paths.checkpoint(self.name)
+        if entry["val/dice"] > self.best["val/dice"]:
+            self.best = entry
             if procs.is_main:
-                models.save_checkpoint(best_file, model, model_name=name, cfg=model_cfg, img_size=cfg.img_size,
-                                       mean=mean, std=std, epoch=epoch, val_dice=val_dice, val_loss=val_loss,
-                                       train_params=dataclasses.asdict(cfg))
-                write_bytes_atomic(out_file, best_file.read_bytes())
+                models.save_checkpoint(files.best, self.model, model_name=self.name, cfg=self.model_cfg.params,
+                                       img_size=self.cfg.img_size, mean=self.rt.mean, std=self.rt.std,
+                                       epoch=entry["epoch"], val_dice=entry["val/dice"], val_loss=entry["val/loss"],
+                                       train_params=dataclasses.asdict(self.cfg))
+                write_bytes_atomic(out_file, files.best.read_bytes())
         if procs.is_main:
-            _torch_save(state_file, _resume_state(model, opt, fingerprint, history, best, device))
-            _log_epoch(live, entry, best)
-            tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                       f"val Dice {val_dice:.4f} (best {best['val/dice']:.4f} at epoch {best['epoch']}), "
-                       f"lr {entry['lr']:.2e}")
+            _torch_save(files.last, self._state())
+            _log_epoch(self.live, entry, self.best)
+            best = self.best
+            tqdm.write(f"{self.name} epoch {entry['epoch']}/{self.cfg.epochs}: train loss {entry['train/loss']:.4f}, "
+                       f"val loss {entry['val/loss']:.4f}, val Dice {entry['val/dice']:.4f} (best "
+                       f"{best['val/dice']:.4f} at epoch {best['epoch']}), lr {entry['lr']:.2e}")
         procs.barrier()
-        if after_epoch is not None:
-            after_epoch(entry)
 
-    if procs.is_main:
-        live.end()
-        shutil.rmtree(state_dir)
-    return best
+    def finish(self) -> Entry:
+        """Close dvclive and drop the resume state (DVC's run cache takes over); the best epoch's entry."""
+        if self.rt.procs.is_main:
+            self.live.end()
+            shutil.rmtree(self.paths.resume(self.name).root)
+            tqdm.write(f"{self.name}: best val Dice {self.best['val/dice']:.4f} at epoch {self.best['epoch']} "
+                       f"-> {self.paths.checkpoint(self.name)}")
+        return self.best
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a model name of params.yaml 'models:'")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--split", default="data/split.json")
-    parser.add_argument("--frames", default="data/frames/images")
-    parser.add_argument("--masks", default="data/masks/images")
-    parser.add_argument("--out", default="models", help="writes <out>/<model>/best.pt")
-    parser.add_argument("--live", default="dvclive", help="dvclive logs go to <live>/<model>/")
-    parser.add_argument("--cache", default=".cache",
-                        help="pre-resized frames and resume state; outside DVC outputs, safe to delete")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
-    args = parser.parse_args(argv)
-
-    params = load_params(args.params)
-    model_cfg = model_config(params, args.model)
-    cfg = read_config(params)
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, paths: TrainPaths, *, device: str = "auto") -> Entry:
+    """Train and write <models>/<name>/best.pt; returns the best epoch's entry (epoch, losses, Dice, lr)."""
+    procs, torch_device = start_processes(device)
     try:
-        train_model(args.model, model_cfg, cfg, split=Path(args.split), frames_dir=Path(args.frames),
-                    masks_dir=Path(args.masks), out_dir=Path(args.out) / args.model,
-                    live_dir=Path(args.live) / args.model, cache_dir=Path(args.cache), device=args.device)
-    except KeyboardInterrupt:  # unlike other stages, training keeps something: say what and how to use it
-        state = Path(args.cache) / "train" / args.model / "last.pt"
-        print(f"interrupted: the last finished epoch is kept in {state}; run the same command (or dvc exp run "
-              f"with the same params) to resume from it" if state.is_file() else
-              "interrupted before an epoch finished: nothing to resume", file=sys.stderr)
-        sys.exit(130)
-
+        trainer = Trainer.setup(model_cfg, cfg, paths, device=torch_device, procs=procs)
+        trainer.resume_or_start()
+        for epoch in trainer.remaining_epochs():
+            trainer.save(trainer.fit_epoch(epoch))
+        return trainer.finish()
+    finally:
+        procs.close()

@@ -52,6 +52,12 @@ POLL_SECONDS = 0.1           # how often a waiting main thread looks for a recor
 PARENT_CHECK_SECONDS = 0.25  # how often a worker process checks that its parent is alive
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (a container's or taskset's limit, not the host's core count): what a
+    `workers: 0` setting means."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _watch_parent(parent_pid: int) -> None:
     while True:
         time.sleep(PARENT_CHECK_SECONDS)

@@ -1,6 +1,44 @@
-"""DVC stage `evaluate`: Compare the trained models of params.yaml `models:` on the validation frames: `python -m stages.evaluate`."""
-from charseg.evaluate import main
+"""DVC stage `evaluate`: every model of params.yaml `models:` on the validation frames, side by side.
+
+Reads data/split.json, data/frames (manifest.csv, images/), data/masks/images, models/<name>/best.pt and, when
+labels.truth_dir is set, the exact masks there (through labels.mask_index). Writes metrics/evaluate/<name>.json,
+reports/comparison.md and .csv, and plots/evaluate/ (metrics.png, dice_per_character.png, qualitative.png).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from charseg.config import PARAMS_FILE, load_config
 from charseg.errors import run_cli
+from charseg.evaluate import Truth, evaluate
+from charseg.layout import PROJECT, FramesDir, MasksDir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--split", type=Path, default=PROJECT.split)
+    parser.add_argument("--frames", type=Path, default=PROJECT.frames.root,
+                        help="the frames stage folder (images/ and manifest.csv)")
+    parser.add_argument("--masks", type=Path, default=PROJECT.masks.root, help="the masks stage folder (images/)")
+    parser.add_argument("--models", type=Path, default=PROJECT.models, help="reads <models>/<name>/best.pt")
+    parser.add_argument("--metrics", type=Path, default=PROJECT.metrics("evaluate"))
+    parser.add_argument("--reports", type=Path, default=PROJECT.reports)
+    parser.add_argument("--plots", type=Path, default=PROJECT.plots("evaluate"))
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
+    args = parser.parse_args(argv)
+
+    params = load_config(args.params)
+    truth_dir = params.value("labels.truth_dir")  # two keys of the labels section, not all of it
+    truth = Truth(Path(truth_dir), params.value("labels.mask_index")) if truth_dir else None
+    results = evaluate(params.models(), params.evaluate, split=args.split, frames=FramesDir(args.frames),
+                       masks=MasksDir(args.masks), models_dir=args.models, metrics_dir=args.metrics,
+                       reports_dir=args.reports, plots_dir=args.plots, truth=truth, device=args.device)
+    best = max(results, key=lambda n: results[n]["dice"])
+    print(f"evaluate: {len(results)} models; best Dice {results[best]['dice']:.4f} ({best}); "
+          f"see {args.reports / 'comparison.md'}")
+
 
 if __name__ == "__main__":
     run_cli(main)

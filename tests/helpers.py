@@ -34,10 +34,11 @@ def tiny_checkpoint(root: Path, img_size: int, cfg: dict = TINY_PSPNET, name: st
     """models/<name>/best.pt under root: a random-weight model of `cfg`, as train@<name> would save it."""
     import torch
 
+    from charseg.layout import Layout
     from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 
     torch.manual_seed(0)
-    checkpoint = root / "models" / name / "best.pt"
+    checkpoint = Layout(root).checkpoint(name)
     save_checkpoint(checkpoint, build_model(cfg, pretrained=False), model_name=name, cfg=cfg,
                     img_size=img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=1, val_dice=0.0)
     return checkpoint

@@ -7,9 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from charseg.eda import _shrunk, main, pick_samples, run_eda
+from charseg.config import EdaConfig
+from charseg.eda import _shrunk, pick_samples, run_eda
 from charseg.errors import CharsegError
 from charseg.io import read_csv
+from charseg.layout import FramesDir
+from stages.eda import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["id", "character", "video", "frame_index", "timestamp", "width", "height"]
@@ -32,7 +35,7 @@ def write_frames(root: Path, frames: list[tuple[str, str, float, np.ndarray]]) -
     rows = []
     for character, video, timestamp, image in frames:
         frame_id = f"{character}--{Path(video).stem}--{round(timestamp * 1000):08d}"
-        assert cv2.imwrite(str(root / "images" / f"{frame_id}.jpg"), image)
+        assert cv2.imwrite(str(FramesDir(root).image(frame_id)), image)
         rows.append({"id": frame_id, "character": character, "video": f"{character}/{video}",
                      "frame_index": int(timestamp * 25), "timestamp": timestamp,
                      "width": image.shape[1], "height": image.shape[0]})
@@ -61,7 +64,7 @@ def seven_frames(tmp_path):
 
 def run(frames_dir: Path, tmp_path: Path, **overrides):
     settings = {"samples_per_character": 4, "dark_mean": 16, "uniform_std": 8, "workers": 2, **overrides}
-    return run_eda(frames_dir, tmp_path / "plots", tmp_path / "eda.json", **settings)
+    return run_eda(FramesDir(frames_dir), tmp_path / "plots", tmp_path / "eda.json", EdaConfig(**settings))
 
 
 def test_counts_dark_uniform_sizes_and_balance(seven_frames, tmp_path):

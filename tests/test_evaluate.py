@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from charseg.evaluate import EvalConfig, Frame, evaluate, grid_ids, main
+from charseg.config import EvaluateConfig, ModelConfig
+from charseg.evaluate import Frame, Truth, evaluate, grid_ids
 from charseg.errors import CharsegError, run_cli
 from charseg.io import read_csv, write_csv, write_json
+from charseg.layout import FramesDir, MasksDir
 from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from stages.evaluate import main
 
 HEIGHT, WIDTH, IMG_SIZE = 40, 56, 32  # frames neither square nor at img_size: predictions are resized back
 VAL = [("alice", "alice/a.mp4", 0), ("alice", "alice/a.mp4", 30), ("bob", "bob/b.mkv", 0)]
@@ -48,7 +51,7 @@ def make_project(root: Path) -> dict[str, Path]:
     write_csv(root / "frames" / "manifest.csv", rows, list(rows[0]))
     write_csv(truth / "index.csv", truth_rows, ["video", "frame_index", "mask"])
     write_json(root / "split.json", {"train": ["some-train-frame"], "val": val_ids})
-    return {"frames_dir": frames, "masks_dir": masks, "manifest": root / "frames" / "manifest.csv",
+    return {"frames": FramesDir(root / "frames"), "masks": MasksDir(root / "masks"),
             "split": root / "split.json", "truth": truth}
 
 
@@ -63,14 +66,19 @@ def constant_checkpoint(path: Path, name: str, bias: float) -> dict:
     return cfg
 
 
+def model_configs(cfgs: dict) -> dict[str, ModelConfig]:
+    return {name: ModelConfig(name=name, arch=cfg["arch"], encoder=cfg.get("encoder"),
+                              encoder_weights=cfg.get("encoder_weights"), encoder_lr_mult=1.0, params=cfg)
+            for name, cfg in cfgs.items()}
+
+
 def run(tmp_path: Path, project: dict[str, Path], cfgs: dict, truth: bool = False, **kwargs) -> dict:
-    cfg = EvalConfig(boundary_tolerance_px=2, latency_warmup=1, grid_frames=4,
-                     truth_dir=project["truth"] if truth else None)
-    return evaluate(cfgs, cfg, split=project["split"], manifest=project["manifest"],
-                    frames_dir=project["frames_dir"], masks_dir=project["masks_dir"],
-                    checkpoints_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics" / "evaluate",
-                    reports_dir=tmp_path / "reports", plots_dir=tmp_path / "plots" / "evaluate",
-                    device="cpu", progress=False, **kwargs)
+    cfg = EvaluateConfig(boundary_tolerance_px=2, latency_warmup=1, grid_frames=4)
+    return evaluate(model_configs(cfgs), cfg, split=project["split"], frames=project["frames"],
+                    masks=project["masks"], models_dir=tmp_path / "models",
+                    metrics_dir=tmp_path / "metrics" / "evaluate", reports_dir=tmp_path / "reports",
+                    plots_dir=tmp_path / "plots" / "evaluate", device="cpu", progress=False,
+                    truth=Truth(project["truth"], "index.csv") if truth else None, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +175,30 @@ def test_main_reads_params_and_fails_cleanly_on_a_missing_checkpoint(evaluated, 
     _, project, _, _ = evaluated
     (tmp_path / "params.yaml").write_text(
         "models:\n  unetpp: {arch: unetpp, encoder: resnet18, encoder_weights: null}\n"
-        "evaluate: {boundary_tolerance_px: 2, latency_warmup: 0, grid_frames: 2, truth_dir: null}\n")
+        "evaluate: {boundary_tolerance_px: 2, latency_warmup: 0, grid_frames: 2}\n"
+        "labels: {truth_dir: null, mask_index: index.csv}\n")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, ["--params", str(tmp_path / "params.yaml"), "--split", str(project["split"]),
-                       "--manifest", str(project["manifest"]), "--frames", str(project["frames_dir"]),
-                       "--masks", str(project["masks_dir"]), "--models", str(tmp_path / "models"),
+                       "--frames", str(project["frames"].root), "--masks", str(project["masks"].root),
+                       "--models", str(tmp_path / "models"),
                        "--metrics", str(tmp_path / "m"), "--reports", str(tmp_path / "r"),
                        "--plots", str(tmp_path / "p"), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "train@unetpp" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_main_takes_the_truth_from_labels_truth_dir(evaluated, tmp_path, capsys):
+    base, project, _, results = evaluated
+    (tmp_path / "params.yaml").write_text(
+        "models:\n" + "".join(f"  {name}: {{arch: pspnet, encoder: resnet18, encoder_weights: null, "
+                              f"psp_out_channels: 16}}\n" for name in CONSTANT_MODELS) +
+        "evaluate: {boundary_tolerance_px: 2, latency_warmup: 1, grid_frames: 0}\n"
+        f"labels: {{truth_dir: {project['truth']}, mask_index: index.csv}}\n")
+    run_cli(main, ["--params", str(tmp_path / "params.yaml"), "--split", str(project["split"]),
+                   "--frames", str(project["frames"].root), "--masks", str(project["masks"].root),
+                   "--models", str(base / "models"), "--metrics", str(tmp_path / "m"), "--reports", str(tmp_path / "r"),
+                   "--plots", str(tmp_path / "p"), "--device", "cpu"])
+    written = json.loads((tmp_path / "m" / "everything.json").read_text())
+    assert written["truth"]["dice"] == pytest.approx(results["everything"]["truth"]["dice"])
+    assert capsys.readouterr().out.startswith("evaluate: 2 models; best Dice ")

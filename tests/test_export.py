@@ -18,7 +18,8 @@ from charseg import export
 from charseg import models
 from charseg.errors import CharsegError
 from charseg.inference import TorchSegmenter, preprocess
-from charseg.onnx import CPU, CUDA, OnnxSegmenter, export_onnx, providers_for
+from charseg.device import ORT_CPU, ORT_CUDA, ort_providers
+from charseg.onnx import ExportReport, OnnxSegmenter, export_onnx
 from charseg.config import load_params
 from tests.conftest import REPO_ROOT
 
@@ -75,6 +76,7 @@ def exported(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_cli_writes_one_file_and_reports_the_difference(exported):
     assert sorted(p.name for p in exported["output"].parent.iterdir()) == ["pspnet.onnx"]  # no temp, no .data
     assert f"wrote {exported['output']}" in exported["printed"]
@@ -85,6 +87,7 @@ def test_cli_writes_one_file_and_reports_the_difference(exported):
     assert isinstance(dims[0], str) and dims[1:] == [3, IMG_SIZE, IMG_SIZE]
 
 
+@pytest.mark.slow  # exports a model to ONNX
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_onnx_matches_torch_at_any_batch_size(exported, batch_size):
     segmenter = OnnxSegmenter(exported["output"], threads=1)
@@ -92,9 +95,10 @@ def test_onnx_matches_torch_at_any_batch_size(exported, batch_size):
     probs = segmenter(batch)
     assert probs.shape == (batch_size, IMG_SIZE, IMG_SIZE) and probs.dtype == np.float32
     assert np.abs(probs - torch_probs(exported["model"], batch)).max() < 1e-4
-    assert segmenter.providers == [CPU]
+    assert segmenter.providers == [ORT_CPU]
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_embedded_metadata_rebuilds_the_preprocessing(exported):
     """Frames preprocessed from the .onnx file's own metadata give torch's probabilities."""
     frames = [np.random.default_rng(i).integers(0, 256, (48, 80, 3), dtype=np.uint8) for i in range(2)]
@@ -104,18 +108,21 @@ def test_embedded_metadata_rebuilds_the_preprocessing(exported):
     assert np.abs(probs - torch_segmenter(preprocess(frames, exported["meta"]))).max() < 1e-4
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_metadata_round_trip(exported):
-    meta = OnnxSegmenter(exported["output"], providers=[CPU], threads=1).meta
+    meta = OnnxSegmenter(exported["output"], providers=[ORT_CPU], threads=1).meta
     expected = {k: v for k, v in exported["meta"].items() if k not in ("format", "version")}
     assert {k: meta[k] for k in expected} == expected
     assert meta["checkpoint_sha256"] == hashlib.sha256(exported["checkpoint"].read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_batch_of_the_wrong_size_is_rejected(exported):
     with pytest.raises(ValueError, match=f"expected a \\(B, 3, {IMG_SIZE}, {IMG_SIZE}\\) batch"):
         OnnxSegmenter(exported["output"], threads=1)(np.zeros((1, 3, 16, 16), np.float32))
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_cli_refuses_to_overwrite(exported):
     before = exported["output"].read_bytes()
     with pytest.raises(CharsegError, match="exists: pass --overwrite"):
@@ -142,6 +149,7 @@ class NanNet(NoisyNet):
         return torch.sqrt(self.head(x) - 1e6)
 
 
+@pytest.mark.slow  # exports a model to ONNX
 @pytest.mark.parametrize("model", [NoisyNet(), NanNet()], ids=["noisy", "nan"])
 def test_parity_failure_writes_nothing(tmp_path, model):
     output = tmp_path / "model.onnx"
@@ -173,6 +181,40 @@ def test_missing_checkpoint_says_how_to_get_it(tmp_path):
         cli(tmp_path, "--model", "deeplabv3", "--checkpoint", str(tmp_path / "models/deeplabv3/best.pt"))
 
 
+def test_checkpoint_alone_exports_anywhere(tmp_path, monkeypatch, one_torch_thread):
+    """No params.yaml and no --model: the checkpoint names its model; the output defaults to exports/<it>.onnx."""
+    checkpoint = tmp_path / "elsewhere" / "best.pt"
+    make_checkpoint(checkpoint, "pspnet")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    calls = []
+
+    def fake_export(model, meta, output, **options):
+        calls.append((meta, output, options))
+        return ExportReport(Path(output), 1, 20, 3, 0.0, 0.0, 1e-3)
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    export.main(["--checkpoint", str(checkpoint)])
+    [(meta, output, options)] = calls
+    assert meta["arch"] == "pspnet" and output == Path("exports") / "pspnet.onnx"
+    assert options["source_checkpoint"] == checkpoint
+    with pytest.raises(CharsegError, match="give --model NAME .* or --checkpoint PATH"):
+        export.main([])
+
+
+@pytest.mark.slow  # exports a model to ONNX
+def test_checkpoint_alone_exports_for_real_from_any_directory(tmp_path, monkeypatch, one_torch_thread):
+    checkpoint = tmp_path / "elsewhere" / "best.pt"
+    model, _ = make_checkpoint(checkpoint, "pspnet")
+    monkeypatch.chdir(tmp_path)
+    export.main(["--checkpoint", str(checkpoint)])
+    written = tmp_path / "exports" / "pspnet.onnx"
+    segmenter = OnnxSegmenter(written, threads=1)
+    assert segmenter.meta["arch"] == "pspnet" and sorted(p.name for p in written.parent.iterdir()) == ["pspnet.onnx"]
+    batch = normalized_batch(2, seed=0)
+    assert np.abs(segmenter(batch) - torch_probs(model, batch)).max() < 1e-4
+
+
 def test_checkpoint_of_another_arch_is_refused(tmp_path, one_torch_thread):
     checkpoint = tmp_path / "models" / "pspnet" / "best.pt"
     make_checkpoint(checkpoint, "pspnet")
@@ -200,17 +242,18 @@ def test_onnx_files_not_from_charseg_are_refused(tmp_path):
 
 
 def test_device_names_map_to_providers():
-    assert providers_for("auto") is None
-    assert providers_for("cpu") == [CPU]
-    assert providers_for("cuda:1") == [(CUDA, {"device_id": 1}), CPU]
+    assert ort_providers("auto") is None
+    assert ort_providers("cpu") == [ORT_CPU]
+    assert ort_providers("cuda:1") == [(ORT_CUDA, {"device_id": 1}), ORT_CPU]
     with pytest.raises(CharsegError, match="not a device"):
-        providers_for("gpu")
+        ort_providers("gpu")
 
 
-@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+@pytest.mark.slow  # exports a model to ONNX
+@pytest.mark.skipif(ORT_CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA")
 def test_cuda_asked_without_cuda_onnxruntime_says_what_to_install(exported):
     with pytest.raises(CharsegError, match="install onnxruntime-gpu for CUDA, or use --device cpu"):
-        OnnxSegmenter(exported["output"], providers=providers_for("cuda"))
+        OnnxSegmenter(exported["output"], providers=ort_providers("cuda"))
 
 
 @pytest.mark.slow

@@ -18,8 +18,10 @@ import pytest
 
 import charseg.frames as frames
 from helpers import write_video
+from charseg.config import FramesConfig
 from charseg.errors import CharsegError
 from charseg.io import remove_stale_temps
+from charseg.layout import FramesDir
 from charseg.workers import WorkerPool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +210,7 @@ def test_a_worker_process_that_dies_is_a_clear_error():
 
 def _extract(videos: Path, out: Path, **overrides):
     options = {"fps": 1.0, "max_side": None, "jpeg_quality": 90, "workers": 1, **overrides}
-    return frames.extract_frames(videos, out, **options)
+    return frames.extract_frames(videos, FramesDir(out), FramesConfig(**options))
 
 
 def _skipped(report) -> dict[str, str]:

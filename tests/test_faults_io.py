@@ -1,4 +1,4 @@
-"""Faults from outside, through the one atomic-output path (stages/lib/io.py) and run_cli: a full disk under
+"""Faults from outside, through the one atomic-output path (charseg/io.py) and run_cli: a full disk under
 the video writer, read-only output folders, truncated JSON and CSV, a predict killed with SIGKILL, every
 OSError as one `error:` line, and bad inputs that used to end in a traceback or a misleading message."""
 from __future__ import annotations
@@ -18,11 +18,12 @@ import cv2
 import pytest
 
 from helpers import tiny_checkpoint, write_video
-from charseg import evaluate, export, predict, split
+from charseg import export, predict
 from charseg import io
 from charseg.data import read_split
 from charseg.errors import CharsegError, os_error_message, run_cli
 from charseg.video import probe
+from stages import evaluate, split
 from tests.conftest import REPO_ROOT
 
 CFG = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}
@@ -285,7 +286,7 @@ def test_a_truncated_split_json_is_one_error_line(tmp_path, capsys):
         read_split(split_json)
     assert str(info.value) == expected
     line = error_line(capsys, evaluate.main, ["--params", str(REPO_ROOT / "params.yaml"), "--split", str(split_json),
-                                              "--manifest", str(tmp_path / "m.csv"), "--models", str(tmp_path / "m"),
+                                              "--frames", str(tmp_path / "f"), "--models", str(tmp_path / "m"),
                                               "--metrics", str(tmp_path / "metrics"),
                                               "--reports", str(tmp_path / "r"), "--plots", str(tmp_path / "p")])
     assert line == f"error: {expected}"

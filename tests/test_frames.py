@@ -11,17 +11,20 @@ import pytest
 import charseg.frames as frames
 import charseg.video as video
 from helpers import write_video
+from charseg.config import FramesConfig
 from charseg.errors import CharsegError
-from charseg.io import FRAME_COLUMNS, imread
+from charseg.io import imread
+from charseg.layout import FRAME_COLUMNS, FramesDir
 from charseg.video import FrameReader, TimestampSampler, probe
 from charseg.sample import generate
+from stages.frames import main as frames_main
 
 NTSC = 30000 / 1001
 
 
 def _extract(videos: Path, out: Path, **overrides):
     options = {"fps": 1.0, "max_side": None, "jpeg_quality": 90, "workers": 1, **overrides}
-    return frames.extract_frames(videos, out, **options)
+    return frames.extract_frames(videos, FramesDir(out), FramesConfig(**options))
 
 
 def _manifest(out: Path) -> list[dict[str, str]]:
@@ -73,7 +76,7 @@ def test_manifest_contract_with_unicode_and_spaces(tmp_path):
     assert {r["video"] for r in rows} == {"Zoë Ünal/ep 1 (final).mp4", "bob/clip_01.AVI"}
     for row in rows:
         assert re.fullmatch(r"[A-Za-z0-9_-]+--[A-Za-z0-9_-]+--\d{8}", row["id"]) and "---" not in row["id"]
-        image = imread(tmp_path / "out" / "images" / f"{row['id']}.jpg")
+        image = imread(FramesDir(tmp_path / "out").image(row["id"]))
         assert image.shape == (int(row["height"]), int(row["width"]), 3)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images", "manifest.csv", "report.json"]
 
@@ -83,7 +86,7 @@ def test_max_side_downscales_keeping_aspect(tmp_path):
     _extract(tmp_path / "v", tmp_path / "out", max_side=32)
     row = _manifest(tmp_path / "out")[0]
     assert (row["width"], row["height"]) == ("32", "24")
-    assert imread(tmp_path / "out" / "images" / f"{row['id']}.jpg").shape == (24, 32, 3)
+    assert imread(FramesDir(tmp_path / "out").image(row["id"])).shape == (24, 32, 3)
 
 
 def test_single_channel_and_bgra_frames_become_bgr():
@@ -157,10 +160,10 @@ def test_truncated_video_keeps_its_frames_with_a_warning(tmp_path):
 
 
 def test_no_videos_is_an_error_that_says_what_to_do(tmp_path):
-    with pytest.raises(CharsegError, match=r"does not exist.*stages\.sample"):
+    with pytest.raises(CharsegError, match=r"does not exist.*charseg sample"):
         _extract(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "v" / "alice").mkdir(parents=True)
-    with pytest.raises(CharsegError, match=r"no videos found in .*v: put videos in .*<character>.*stages\.sample"):
+    with pytest.raises(CharsegError, match=r"no videos found in .*v: put videos in .*<character>.*charseg sample"):
         _extract(tmp_path / "v", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -259,10 +262,10 @@ def test_main_reads_params_and_writes_numeric_metrics(tmp_path):
     write_video(tmp_path / "v" / "alice" / "clip.mp4", 60, 25)
     params = tmp_path / "params.yaml"
     params.write_text("frames:\n  fps: 2\n  max_side: 32\n  jpeg_quality: 80\n  workers: 1\n")
-    frames.main(["--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out"),
+    frames_main(["--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out"),
                  "--metrics", str(tmp_path / "m" / "frames.json"), "--params", str(params)])
     metrics = json.loads((tmp_path / "m" / "frames.json").read_text())
     assert metrics == {"videos": 1, "frames": 5, "skipped": 0, "frames_per_character": {"alice": 5}}
     params.write_text("frames:\n  fps: 0\n  max_side: null\n  jpeg_quality: 80\n  workers: 1\n")
     with pytest.raises(CharsegError, match="frames.fps"):
-        frames.main(["--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out"), "--params", str(params)])
+        frames_main(["--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out"), "--params", str(params)])

@@ -1,4 +1,4 @@
-"""The shared inference contract (stages/lib/inference.py): preprocessing as in training, a torch
+"""The shared inference contract (charseg/inference.py): preprocessing as in training, a torch
 Segmenter on a tiny random checkpoint, resizing back to the frame size, thresholding and smoothing."""
 from __future__ import annotations
 

@@ -1,21 +1,27 @@
-"""stages/lib/labelers.py: weights resolution and loading, YOLO/SAM wrappers, refinement, cache, imports."""
+"""charseg.labels: weights resolution and loading, YOLO/SAM wrappers, refinement, cache, imports."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from charseg import labelers
+from charseg.config import RefineConfig
 from charseg.errors import CharsegError
 from charseg.io import imwrite_atomic
-from charseg.labels import (FrameLabel, LabelCache, MaskMismatch, PersonDetector, RefineConfig, SamBoxSegmenter,
-                                 label_fingerprint, load_sam, load_yolo, mask_files, read_binary_mask, refine_mask,
-                                 resolve_sam_checkpoint, resolve_yolo_weights, union_masks)
+from charseg.labels import weights
+from charseg.labels.cache import LabelCache
+from charseg.labels.detect import FrameLabel, PersonDetector, SamBoxSegmenter, label_fingerprint, union_masks
+from charseg.labels.imported import MaskMismatch, mask_files, read_binary_mask
+from charseg.labels.refine import refine_mask
+from charseg.labels.weights import load_sam, load_yolo, resolve_sam_checkpoint, resolve_yolo_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_sam() -> torch.nn.Module:
@@ -166,15 +172,15 @@ def test_sam_download_is_verified_before_it_lands(tmp_path, monkeypatch):
         response.headers = {"Content-Length": str(len(payload))}
         return response
 
-    monkeypatch.setattr(labelers.urllib.request, "urlopen", fake_urlopen)
-    release = labelers.SAM_RELEASES["vit_b"]
-    monkeypatch.setitem(labelers.SAM_RELEASES, "vit_b",
-                        labelers.SamRelease(release.filename, release.url, hashlib.sha256(payload).hexdigest()))
+    monkeypatch.setattr(weights.urllib.request, "urlopen", fake_urlopen)
+    release = weights.SAM_RELEASES["vit_b"]
+    monkeypatch.setitem(weights.SAM_RELEASES, "vit_b",
+                        weights.SamRelease(release.filename, release.url, hashlib.sha256(payload).hexdigest()))
     target = tmp_path / "w" / release.filename
     assert resolve_sam_checkpoint("vit_b", target) == target and target.read_bytes() == payload
     assert served == [release.url]
 
-    monkeypatch.setitem(labelers.SAM_RELEASES, "vit_b", release)  # the real hash: these bytes do not match it
+    monkeypatch.setitem(weights.SAM_RELEASES, "vit_b", release)  # the real hash: these bytes do not match it
     target.unlink()
     with pytest.raises(CharsegError, match="corrupt.*nothing was saved"):
         resolve_sam_checkpoint("vit_b", target)
@@ -182,7 +188,7 @@ def test_sam_download_is_verified_before_it_lands(tmp_path, monkeypatch):
 
 
 def test_official_sam_hashes_are_full_sha256():
-    for model_type, release in labelers.SAM_RELEASES.items():
+    for model_type, release in weights.SAM_RELEASES.items():
         assert model_type in release.filename and release.url.endswith(release.filename)
         assert len(release.sha256) == 64 and int(release.sha256, 16) >= 0
 
@@ -209,7 +215,7 @@ def test_real_yolo_from_a_local_file_detects_in_batches_without_integrations(tmp
         torch.set_num_threads(threads)
     assert len(found) == 3 and all(d.boxes.shape[1] == 4 and len(d.boxes) == len(d.scores) for d in found)
     assert SETTINGS["dvc"] is False and SETTINGS["sync"] is False
-    assert str(SETTINGS.file).startswith(str(labelers.PROJECT_ROOT))
+    assert str(SETTINGS.file).startswith(str(REPO_ROOT))
     callbacks = [f.__module__ for fs in model.predictor.callbacks.values() for f in fs]
     assert not any("callbacks.dvc" in m or "callbacks.mlflow" in m for m in callbacks)
 

@@ -5,7 +5,7 @@ import pytest
 
 from charseg.errors import CharsegError
 from charseg.io import atomic_dir, imread, imwrite_atomic, read_csv, slugify, write_csv
-from charseg.config import load_params, number, parse_yaml
+from charseg.config import Params, check_params, load_params, parse_yaml
 
 
 def test_exponent_floats_written_by_dvc_are_floats():
@@ -15,13 +15,16 @@ def test_exponent_floats_written_by_dvc_are_floats():
 
 
 def test_number_rejects_wrong_types_and_ranges():
-    assert number({"fps": 2}, "fps", lo=0.01) == 2.0
+    """The params schema checks each number once, when params.yaml is read; the typed section converts it."""
+    frames = {"fps": 2, "max_side": None, "jpeg_quality": 90, "workers": 0}
+    fps = Params({"frames": frames}).frames.fps
+    assert fps == 2.0 and isinstance(fps, float)
     with pytest.raises(CharsegError, match="frames.fps"):
-        number({"fps": "fast"}, "fps", where="frames")
+        check_params({"frames": {"fps": "fast"}})
     with pytest.raises(CharsegError, match=r"outside \[0, 1\]"):
-        number({"v": 1.5}, "v", lo=0, hi=1)
+        check_params({"labels": {"detector": {"conf": 1.5}}})
     with pytest.raises(CharsegError, match="whole number"):
-        number({"n": 2.5}, "n", integer=True)
+        check_params({"frames": {"workers": 2.5}})
 
 
 def test_load_params_missing_file(tmp_path):

@@ -14,10 +14,14 @@ import torch
 import yaml
 
 from charseg import masks as stage
-from charseg import labelers
+from charseg.config import DetectorConfig, LabelsConfig, Params, RefineConfig, SamConfig, load_config
 from charseg.errors import CharsegError
 from charseg.io import imread, imwrite_atomic, write_csv
-from charseg.labels import Detections, LabelCache, RefineConfig, YoloSamLabeler
+from charseg.labels import detect, weights
+from charseg.labels.cache import LabelCache
+from charseg.labels.detect import Detections, YoloSamLabeler
+from charseg.layout import LABEL_COLUMNS, FramesDir, MasksDir
+from stages.masks import main as stage_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
@@ -100,19 +104,21 @@ def planted_labeler(segmenter=None, settings=None):
     return YoloSamLabeler(lambda: detector, lambda: segmenter, settings or {"test": "planted"}), detector, segmenter
 
 
-def config(tmp_path, **changes) -> stage.LabelsConfig:
-    cfg = stage.LabelsConfig(
-        method="yolo_sam", detector_weights=tmp_path / "weights/yolov8s.pt", conf=0.5, min_box_area=0.0, imgsz=64,
-        batch=2, sam_model_type="vit_b", sam_checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth", device="cpu",
-        half=False, refine=RefineConfig(min_area=0.03), import_dir=tmp_path / "import", mask_index="index.csv",
-        truth_dir=None, cache_dir=tmp_path / "cache", qa_samples=4)
+def config(tmp_path, *, batch=2, **changes) -> LabelsConfig:
+    cfg = LabelsConfig(
+        method="yolo_sam", device="cpu", half=False,
+        detector=DetectorConfig(weights=tmp_path / "weights/yolov8s.pt", conf=0.5, min_box_area=0.0, imgsz=64,
+                                batch=batch),
+        sam=SamConfig(model_type="vit_b", checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth"),
+        refine=RefineConfig(min_area=0.03), import_dir=tmp_path / "import", mask_index="index.csv",
+        truth_dir=None, cache_dir=tmp_path / "cache", keep_empty=True, qa_samples=4)
     return replace(cfg, **changes)
 
 
 def run(tmp_path, cfg, labeler=None, frames=None):
     out = tmp_path / "out"
-    metrics = stage.make_masks(frames or tmp_path / "frames", out / "masks", out / "plots", out / "metrics.json", cfg,
-                               labeler=labeler)
+    metrics = stage.make_masks(FramesDir(frames or tmp_path / "frames"), MasksDir(out / "masks"), out / "plots",
+                               out / "metrics.json", cfg, labeler=labeler)
     with open(out / "masks/manifest.csv", newline="") as fh:
         rows = {r["id"]: r for r in csv.DictReader(fh)}
     return metrics, rows, out
@@ -144,7 +150,7 @@ def test_planted_persons_become_clean_masks_named_by_frame_id(tmp_path):
     assert empty["status"] == "empty" and empty["n_persons"] == "0" and float(empty["coverage"]) == 0
     assert rows["bob--scene_2--00001000"]["status"] == "labelled"  # the grayscale frame
     assert list(rows) == list(reversed(FRAMES))  # manifest keeps the frames manifest's rows and order
-    assert set(COLUMNS) | set(stage.LABEL_COLUMNS) == set(next(iter(rows.values())))
+    assert set(COLUMNS) | set(LABEL_COLUMNS) == set(next(iter(rows.values())))
 
     assert segmenter.calls == 3 and detector.batches == [2, 2]  # SAM only where persons are; YOLO in batches
     assert metrics == {"frames": 4, "labelled": 3, "empty": 1, "failed": 0,
@@ -223,7 +229,7 @@ def test_damaged_sam_checkpoint_stops_the_run_without_partial_masks(tmp_path):
     make_frames(tmp_path / "frames")
     damaged = tmp_path / "sam_vit_b_01ec64.pth"
     damaged.write_bytes(b"\x80\x02 half a pickle")
-    labeler = YoloSamLabeler(PlantedDetector, lambda: labelers.SamBoxSegmenter(labelers.load_sam("vit_b", damaged)),
+    labeler = YoloSamLabeler(PlantedDetector, lambda: detect.SamBoxSegmenter(weights.load_sam("vit_b", damaged)),
                              {"test": "damaged"})
     with pytest.raises(CharsegError, match="sam_vit_b_01ec64.pth.*damaged"):
         run(tmp_path, config(tmp_path), labeler)
@@ -252,7 +258,7 @@ def test_sam_is_prompted_once_per_frame_with_the_planted_box(tmp_path, monkeypat
     monkeypatch.setitem(sam_model_registry, "vit_b", tiny_vit_b)
     checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
     torch.save(tiny_vit_b().state_dict(), checkpoint)
-    segmenter = labelers.SamBoxSegmenter(labelers.load_sam("vit_b", checkpoint))
+    segmenter = detect.SamBoxSegmenter(weights.load_sam("vit_b", checkpoint))
     outputs = []
     segment = segmenter.segment
 
@@ -303,12 +309,12 @@ def test_real_yolo_through_the_stage_never_loads_sam_when_nobody_is_found(tmp_pa
     torch.manual_seed(0)
     YOLO("yolov8n.yaml").save(tmp_path / "yolo.pt")  # random weights: no confident person anywhere
     (tmp_path / "my_sam.pth").write_bytes(b"only hashed, never loaded")
-    monkeypatch.setattr(labelers, "load_sam", lambda *a, **k: pytest.fail("SAM loaded for frames without persons"))
+    monkeypatch.setattr(weights, "load_sam", lambda *a, **k: pytest.fail("SAM loaded for frames without persons"))
     make_frames(tmp_path / "frames")
     params = write_params(tmp_path, **{"detector.weights": str(tmp_path / "yolo.pt"), "detector.imgsz": 64,
                                        "sam.checkpoint": str(tmp_path / "my_sam.pth"), "device": "cpu",
                                        "cache_dir": str(tmp_path / "cache")})
-    stage.main(stage_args(tmp_path, params))
+    stage_main(stage_args(tmp_path, params))
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert metrics["frames"] == 4 and metrics["empty"] == 4 and metrics["mean_persons"] == 0
 
@@ -323,11 +329,11 @@ def test_missing_weights_stop_before_any_output(tmp_path, monkeypatch):
     params = write_params(tmp_path, **{"detector.weights": str(tmp_path / "weights/yolov8s.pt"),
                                        "sam.checkpoint": str(tmp_path / "weights/sam_vit_b_01ec64.pth")})
     with pytest.raises(CharsegError, match=r"sam_vit_b_01ec64\.pth not found .*offline.*labels.method: import"):
-        stage.main(stage_args(tmp_path, params))
+        stage_main(stage_args(tmp_path, params))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["masks"]
     assert [p.name for p in (tmp_path / "out/masks").iterdir()] == ["previous.txt"]
     with pytest.raises(CharsegError, match="vit_b, vit_l, vit_h"):
-        stage.main(stage_args(tmp_path, write_params(tmp_path, **{"sam.model_type": "vit_xl"})))
+        stage_main(stage_args(tmp_path, write_params(tmp_path, **{"sam.model_type": "vit_xl"})))
 
 
 def make_truth(root: Path, ids, ones_for=(), scale=1) -> Path:
@@ -391,16 +397,16 @@ def test_import_by_frame_id_reports_every_mismatch_by_name(tmp_path, capsys):
 
 
 def test_repo_params_parse_and_the_stage_is_wired_into_dvc_yaml():
+    cfg = load_config(REPO_ROOT / "params.yaml").labels
+    assert cfg.method == "yolo_sam" and cfg.sam.model_type == "vit_b" and cfg.detector.weights.parent.name == "weights"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    cfg = stage.labels_config(params)
-    assert cfg.method == "yolo_sam" and cfg.sam_model_type == "vit_b" and cfg.detector_weights.parent.name == "weights"
     dvc = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["masks"]
     for dep in dvc["deps"]:
         if not dep.startswith("data/"):  # data/ comes from earlier stages / the sample
             assert (REPO_ROOT / dep).exists(), dep
     assert (REPO_ROOT / "weights/README.md").is_file()
     with pytest.raises(CharsegError, match="labels.method"):
-        stage.labels_config({"labels": {**params["labels"], "method": "sam_only"}})
+        Params({"labels": {**params["labels"], "method": "sam_only"}}).labels
 
 
 def test_import_reads_a_person_painted_only_in_the_alpha_channel(tmp_path):

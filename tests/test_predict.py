@@ -3,7 +3,6 @@ thresholds, --every and --smooth, the pipelined video path against a plain loop,
 and every bad input a user can hit."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -221,9 +220,8 @@ def test_a_failed_video_write_leaves_nothing_that_looks_complete(project, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temp video, no masks folder
 
 
-def test_onnx_model_runs_like_the_checkpoint(project, segmenter, tmp_path):
-    if importlib.util.find_spec("charseg.onnx") is None:
-        pytest.skip("stages/lib/onnx_model.py (the ONNX export) is not there yet")
+@pytest.mark.slow  # exports a model to ONNX
+def test_onnx_model_runs_like_the_checkpoint(project, segmenter, tmp_path, monkeypatch):
     onnx_model = pytest.importorskip("charseg.onnx")
     path = tmp_path / "pspnet.onnx"
     onnx_model.export_onnx(segmenter.model, segmenter.meta, path)
@@ -231,6 +229,27 @@ def test_onnx_model_runs_like_the_checkpoint(project, segmenter, tmp_path):
     cli(project, "--input", project["images"], "--output", tmp_path / "onnx", "--onnx", path, checkpoint=False)
     for torch_mask, onnx_mask in zip(read_masks(tmp_path / "torch"), read_masks(tmp_path / "onnx"), strict=True):
         assert (torch_mask == onnx_mask).mean() > 0.999  # pixels right at the threshold may differ
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the .onnx file alone is enough
+    run_cli(predict.main, [str(a) for a in ["--onnx", path, "--device", "cpu", "--input", project["images"],
+                                            "--output", tmp_path / "onnx_alone"]])
+    assert all(np.array_equal(a, b) for a, b in zip(read_masks(tmp_path / "onnx"), read_masks(tmp_path / "onnx_alone"),
+                                                    strict=True))
+
+
+def test_checkpoint_alone_runs_from_any_directory(project, tmp_path, monkeypatch, capsys):
+    """No params.yaml, no --model: the checkpoint records its arch and preprocessing."""
+    monkeypatch.chdir(tmp_path)
+    run_cli(predict.main, [str(a) for a in ["--checkpoint", project["checkpoint"], "--device", "cpu",
+                                            "--input", project["images"] / "shot_a.jpg", "--output", "out"]])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shot_a.mask.png", "shot_a.overlay.jpg"]
+    assert "(pspnet, torch on cpu)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_cli(predict.main, ["--input", str(project["images"]), "--output", "out2"])
+    assert "give --model NAME, --checkpoint PATH or --onnx PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(predict.main, ["--onnx", "--input", str(project["images"]), "--output", "out2"])
+    assert "--onnx without a PATH runs exports/NAME.onnx: give --model NAME" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def bad_inputs(project: dict[str, Path], tmp: Path) -> list[tuple[list, dict, str]]:

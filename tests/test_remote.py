@@ -168,7 +168,7 @@ def test_weights_travel_through_the_remote_and_the_pulled_detector_loads(origin,
     import torch
     from ultralytics import YOLO
 
-    from charseg.labels import load_yolo
+    from charseg.labels.weights import load_yolo
 
     seeder = clone(origin, tmp_path / "seeder")
     weights = ["weights/yolov8s.pt", "weights/sam_vit_b_01ec64.pth"]

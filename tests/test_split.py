@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from charseg.errors import CharsegError
-from charseg.split import choose_val_videos, main, make_split, read_rows, usable_statuses
+from charseg.split import choose_val_videos, make_split, read_rows, usable_statuses
+from stages.split import main
 
 LABELLED = {"labelled"}
 
@@ -182,9 +183,16 @@ def test_manifest_without_status_column_keeps_every_row():
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
-def test_val_fraction_must_be_inside_zero_one(fraction):
+def test_val_fraction_must_be_inside_zero_one(fraction, tmp_path):
+    """The params schema refuses it when the stage reads params.yaml, before any split is made."""
+    manifest = write_manifest(tmp_path / "m.csv", frames("a", "a.mp4", 5) + frames("a", "b.mp4", 5))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"split:\n  val_fraction: {fraction}\n  seed: 0\n  gap_seconds: 5.0\n"
+                      f"labels:\n  keep_empty: false\n")
     with pytest.raises(CharsegError, match="split.val_fraction"):
-        make_split(frames("a", "a.mp4", 5) + frames("a", "b.mp4", 5), fraction, 0, 5.0, LABELLED)
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "split.json"),
+              "--metrics", str(tmp_path / "metrics.json"), "--params", str(params)])
+    assert not (tmp_path / "split.json").exists()
 
 
 def test_split_with_an_empty_side_says_what_to_change():

@@ -17,14 +17,14 @@ import pytest
 import torch
 import yaml
 
-import charseg.train as train_stage
-from charseg.data import (Augment, PairDataset, cache_pairs, mask_path, normalize, read_pair, read_split,
-                             resize_pair)
+from charseg.config import AugmentConfig, ModelConfig, TrainConfig, load_config, load_params
+from charseg.data import Augment, PairDataset, cache_pairs, normalize, read_pair, read_split, resize_pair
 from charseg.errors import CharsegError
+from charseg.layout import FramesDir, MasksDir
 from charseg.metrics import confusion, dice
 from charseg.models import load_checkpoint
-from charseg.config import load_params
-from charseg.train import TrainConfig, main, read_config, train_model
+from charseg.train import Trainer, TrainPaths, dice_loss, train_model
+from stages.train import main
 from tests.conftest import REPO_ROOT
 
 # PSPNet-resnet18 without pretrained weights: the smallest model of the registry (0.8 M parameters).
@@ -41,11 +41,13 @@ def one_thread(monkeypatch, tmp_path):
 
 
 def make_frames(root: Path, n_train: int, n_val: int, seed: int = 0, empty_masks: bool = False) -> Path:
-    """Textured figures (exact masks) on textured backgrounds, 128x96 JPEG frames, and a split.json."""
+    """Textured figures (exact masks) on textured backgrounds, 128x96 JPEG frames in a frames stage folder
+    (root/frames), their masks in a masks stage folder (root/masks), and a split.json."""
     rng = np.random.default_rng(seed)
     width, height = 128, 96
-    (root / "frames").mkdir(parents=True)
-    (root / "masks").mkdir(parents=True)
+    frames, masks = FramesDir(root / "frames"), MasksDir(root / "masks")
+    frames.images.mkdir(parents=True)
+    masks.images.mkdir(parents=True)
     ids = []
     for i in range(n_train + n_val):
         frame_id = f"alice--clip_{i % 3:02d}--{i:08d}"
@@ -59,8 +61,8 @@ def make_frames(root: Path, n_train: int, n_val: int, seed: int = 0, empty_masks
         figure = np.zeros_like(background)
         figure[..., 2] = rng.integers(150, 256, (height, width))
         figure[..., 1] = rng.integers(0, 120, (height, width))
-        cv2.imwrite(str(root / "frames" / f"{frame_id}.jpg"), np.where(mask[..., None] > 0, figure, background))
-        cv2.imwrite(str(root / "masks" / f"{frame_id}.png"), mask)
+        cv2.imwrite(str(frames.image(frame_id)), np.where(mask[..., None] > 0, figure, background))
+        cv2.imwrite(str(masks.mask(frame_id)), mask)
         ids.append(frame_id)
     (root / "split.json").write_text(json.dumps({"train": ids[:n_train], "val": ids[n_train:]}))
     return root
@@ -74,14 +76,29 @@ def frames(tmp_path_factory) -> Path:
 def config(**changes) -> TrainConfig:
     base = TrainConfig(lr=3e-3, weight_decay=1e-4, epochs=2, batch_size=8, img_size=64, seed=0,
                        warmup_epochs=0.5, min_lr_ratio=0.01, patience=0, workers=0, amp=True,
-                       augment=Augment(hflip=0.5, scale=0.1, shift=0.05, color=0.2))
+                       augment=AugmentConfig(hflip=0.5, scale=0.1, shift=0.05, color=0.2))
     return dataclasses.replace(base, **changes)
 
 
-def train(data: Path, run: Path, cfg: TrainConfig, name: str = "tiny", **kwargs) -> dict:
-    return train_model(name, TINY_MODEL, cfg, split=data / "split.json", frames_dir=data / "frames",
-                       masks_dir=data / "masks", out_dir=run / "models" / name, live_dir=run / "dvclive" / name,
-                       cache_dir=run / ".cache", device="cpu", **kwargs)
+def tiny_model(name: str = "tiny") -> ModelConfig:
+    return ModelConfig(name=name, arch="pspnet", encoder="resnet18", encoder_weights=None, encoder_lr_mult=1.0,
+                       params=TINY_MODEL)
+
+
+def paths(data: Path, run: Path) -> TrainPaths:
+    return TrainPaths(split=data / "split.json", frames=FramesDir(data / "frames"), masks=MasksDir(data / "masks"),
+                      models=run / "models", live=run / "dvclive", cache=run / ".cache")
+
+
+def train(data: Path, run: Path, cfg: TrainConfig, name: str = "tiny") -> dict:
+    return train_model(tiny_model(name), cfg, paths(data, run), device="cpu")
+
+
+def trainer(data: Path, run: Path, cfg: TrainConfig, name: str = "tiny") -> Trainer:
+    """A single-process CPU run, resumed or started, for tests that drive the epochs one seam at a time."""
+    started = Trainer.setup(tiny_model(name), cfg, paths(data, run), device=torch.device("cpu"))
+    started.resume_or_start()
+    return started
 
 
 def curve(run: Path, metric: str, name: str = "tiny") -> list[list[str]]:
@@ -94,31 +111,33 @@ def curve(run: Path, metric: str, name: str = "tiny") -> list[list[str]]:
 def test_pairs_are_matched_by_id_and_cached_by_content(tmp_path, frames):
     train_ids, val_ids = read_split(frames / "split.json")
     ids = list(reversed(train_ids[:6]))
-    files = cache_pairs(ids, frames / "frames", frames / "masks", 64, tmp_path / "cache")
+    frames_dir, masks_dir = FramesDir(frames / "frames"), MasksDir(frames / "masks")
+    files = cache_pairs(ids, frames_dir, masks_dir, 64, tmp_path / "cache")
     for frame_id, file in zip(ids, files):
-        _, expected = resize_pair(*read_pair(frames / "frames", frames / "masks", frame_id), 64)
+        _, expected = resize_pair(*read_pair(frames_dir, masks_dir, frame_id), 64)
         assert np.array_equal(np.load(file)[..., 3], expected)
     cached = {p: p.stat().st_mtime_ns for p in files}
-    assert cache_pairs(ids, frames / "frames", frames / "masks", 64, tmp_path / "cache") == files
+    assert cache_pairs(ids, frames_dir, masks_dir, 64, tmp_path / "cache") == files
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in cached.items())  # reused, not rewritten
 
-    edited = tmp_path / "masks"
-    shutil.copytree(frames / "masks", edited)
-    cv2.imwrite(str(mask_path(edited, ids[0])), np.zeros((96, 128), np.uint8))
-    again = cache_pairs(ids, frames / "frames", edited, 64, tmp_path / "cache")
+    edited = MasksDir(tmp_path / "masks")
+    shutil.copytree(frames / "masks", edited.root)
+    cv2.imwrite(str(edited.mask(ids[0])), np.zeros((96, 128), np.uint8))
+    again = cache_pairs(ids, frames_dir, edited, 64, tmp_path / "cache")
     assert again[0] != files[0] and again[1:] == files[1:]
     assert not np.load(again[0])[..., 3].any()
 
 
 def test_augmentation_moves_frame_and_mask_together_and_is_reproducible(tmp_path, frames):
     train_ids, _ = read_split(frames / "split.json")
-    files = cache_pairs(train_ids[:4], frames / "frames", frames / "masks", 64, tmp_path / "cache")
+    files = cache_pairs(train_ids[:4], FramesDir(frames / "frames"), MasksDir(frames / "masks"), 64,
+                        tmp_path / "cache")
     # A frame that *is* its mask: after a joint flip/zoom/shift the two must still coincide.
     for file in files:
         pair = np.load(file)
         pair[..., :3] = pair[..., 3:] * 255
         np.save(file, pair)
-    augmented = PairDataset(files, Augment(hflip=0.5, scale=0.2, shift=0.1, color=0.0), seed=3)
+    augmented = PairDataset(files, Augment(AugmentConfig(hflip=0.5, scale=0.2, shift=0.1, color=0.0)), seed=3)
     changed = 0
     for index in range(len(files)):
         image, mask = augmented[index]
@@ -139,10 +158,15 @@ def test_normalize_uses_the_encoder_statistics():
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(images, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    # Inference normalises numpy batches with the same function: float32 numpy out, the same numbers.
+    as_numpy = normalize(images.numpy(), [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
+    np.testing.assert_array_equal(as_numpy, out.numpy())
 
 
 # --- training ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~15 s on 2 CPU cores
 def test_learns_synthetic_figures_within_40_steps(tmp_path, frames):
     # 32 training frames, batch 8: 4 optimizer steps per epoch, 10 epochs.
     best = train(frames, tmp_path, config(epochs=10))
@@ -158,22 +182,15 @@ def test_learns_synthetic_figures_within_40_steps(tmp_path, frames):
     assert not (tmp_path / ".cache" / "train" / "tiny").exists()  # resume state dropped once finished
 
 
-def test_checkpoint_is_the_best_epoch_not_the_last(tmp_path, frames, monkeypatch):
+def test_checkpoint_is_the_best_epoch_not_the_last(tmp_path, frames):
     scripted = iter([0.3, 0.7, 0.5])
-    real_validate = train_stage._validate
-
-    def validate(*args, **kwargs):
-        loss, _ = real_validate(*args, **kwargs)
-        return loss, next(scripted)
-
-    monkeypatch.setattr(train_stage, "_validate", validate)
     weights_after = {}
-
-    def remember(entry):
+    run = trainer(frames, tmp_path, config(epochs=3, batch_size=16))
+    for epoch in run.remaining_epochs():
+        run.save({**run.fit_epoch(epoch), "val/dice": next(scripted)})  # the real loss, a scripted Dice
         state = torch.load(tmp_path / ".cache" / "train" / "tiny" / "last.pt", weights_only=True)
-        weights_after[entry["epoch"]] = state["model"]
-
-    train(frames, tmp_path, config(epochs=3, batch_size=16), after_epoch=remember)
+        weights_after[epoch] = state["model"]
+    run.finish()
     model, meta = load_checkpoint(tmp_path / "models" / "tiny" / "best.pt")
     assert meta["epoch"] == 2 and meta["val_dice"] == 0.7
     for key, value in model.state_dict().items():
@@ -184,10 +201,12 @@ def test_checkpoint_is_the_best_epoch_not_the_last(tmp_path, frames, monkeypatch
     assert [float(v) for _, v in curve(tmp_path, "val/dice")] == [0.3, 0.7, 0.5]
 
 
-def test_early_stopping_after_patience_epochs(tmp_path, frames, monkeypatch):
+def test_early_stopping_after_patience_epochs(tmp_path, frames):
     scripted = iter([0.5, 0.6, 0.55, 0.58, 0.9])
-    monkeypatch.setattr(train_stage, "_validate", lambda *a, **k: (0.5, next(scripted)))
-    best = train(frames, tmp_path, config(epochs=5, batch_size=16, patience=2))
+    run = trainer(frames, tmp_path, config(epochs=5, batch_size=16, patience=2))
+    for epoch in run.remaining_epochs():
+        run.save({**run.fit_epoch(epoch), "val/loss": 0.5, "val/dice": next(scripted)})
+    best = run.finish()
     assert (best["epoch"], best["val/dice"]) == (2, 0.6)
     assert len(curve(tmp_path, "val/dice")) == 4
 
@@ -196,20 +215,24 @@ def test_resume_after_interruption_continues_with_identical_history(tmp_path, fr
     cfg = config(epochs=3, batch_size=16)
     train(frames, tmp_path / "whole", cfg)
 
-    def interrupt_after_first(entry):
-        if entry["epoch"] == 1:
-            raise KeyboardInterrupt
-
     run = tmp_path / "interrupted"
+    first = trainer(frames, run, cfg)
     with pytest.raises(KeyboardInterrupt):
-        train(frames, run, cfg, after_epoch=interrupt_after_first)
+        for epoch in first.remaining_epochs():
+            first.save(first.fit_epoch(epoch))
+            if epoch == 1:
+                raise KeyboardInterrupt
     assert (run / ".cache" / "train" / "tiny" / "last.pt").is_file()
     assert len(curve(run, "val/dice")) == 1
 
     shutil.rmtree(run / "models")  # what DVC does to a stage's outputs before running it again
     shutil.rmtree(run / "dvclive")
     epochs_run = []
-    train(frames, run, cfg, after_epoch=lambda entry: epochs_run.append(entry["epoch"]))
+    resumed = trainer(frames, run, cfg)
+    for epoch in resumed.remaining_epochs():
+        resumed.save(resumed.fit_epoch(epoch))
+        epochs_run.append(epoch)
+    resumed.finish()
     assert epochs_run == [2, 3]
     for metric in ("train/loss", "val/loss", "val/dice", "lr"):
         assert curve(run, metric) == curve(tmp_path / "whole", metric), metric
@@ -219,19 +242,22 @@ def test_resume_after_interruption_continues_with_identical_history(tmp_path, fr
 
 
 def test_resume_state_of_other_params_is_not_reused(tmp_path, frames):
-    def interrupt(entry):
-        raise KeyboardInterrupt
-
+    first = trainer(frames, tmp_path, config(epochs=2, batch_size=16))
     with pytest.raises(KeyboardInterrupt):
-        train(frames, tmp_path, config(epochs=2, batch_size=16), after_epoch=interrupt)
+        for epoch in first.remaining_epochs():
+            first.save(first.fit_epoch(epoch))
+            raise KeyboardInterrupt
     epochs_run = []
-    train(frames, tmp_path, config(epochs=2, batch_size=16, lr=1e-3),
-          after_epoch=lambda entry: epochs_run.append(entry["epoch"]))
+    other = trainer(frames, tmp_path, config(epochs=2, batch_size=16, lr=1e-3))
+    for epoch in other.remaining_epochs():
+        other.save(other.fit_epoch(epoch))
+        epochs_run.append(epoch)
+    other.finish()
     assert epochs_run == [1, 2]
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, frames, monkeypatch):
-    real_loss = train_stage.dice_loss()
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, frames):
+    real_loss = dice_loss()
     training_steps = []
 
     def loss_turning_nan(logits, target):
@@ -242,9 +268,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_stage, "dice_loss", lambda: loss_turning_nan)
+    run = trainer(frames, tmp_path, config(epochs=3, batch_size=16))
+    run.loss_fn = loss_turning_nan
     with pytest.raises(CharsegError, match=r"loss became nan at epoch 2, batch 1.*Lower lr.*epoch 1"):
-        train(frames, tmp_path, config(epochs=3, batch_size=16))
+        for epoch in run.remaining_epochs():
+            run.save(run.fit_epoch(epoch))
     model, meta = load_checkpoint(tmp_path / "models" / "tiny" / "best.pt")
     assert meta["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
@@ -273,20 +301,17 @@ def cli_args(data: Path, params: Path, name: str = "tiny") -> list[str]:
             "--masks", str(data / "masks"), "--device", "cpu"]
 
 
-def test_lr_override_as_dvc_writes_it_reaches_the_optimizer(tmp_path, frames, monkeypatch):
+def test_lr_override_as_dvc_writes_it_reaches_the_optimizer(tmp_path, frames):
     params = write_params(tmp_path / "params.yaml", lr="1e-05", epochs="1", img_size="64", batch_size="16")
-    assert read_config(load_params(params)).lr == 1e-05
-    optimizers = []
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            optimizers.append(self)
-
-    monkeypatch.setattr(train_stage.torch.optim, "AdamW", RecordingAdamW)
-    main(cli_args(frames, params))
-    initial = sorted({group["initial_lr"] for group in optimizers[0].param_groups})
+    loaded = load_config(params)
+    assert loaded.train.lr == 1e-05
+    # What the stage builds from the same file (main below trains with it).
+    run = Trainer.setup(loaded.model_config("tiny"), loaded.train, paths(frames, tmp_path / "setup"),
+                        device=torch.device("cpu"))
+    initial = sorted({group["initial_lr"] for group in run.optimization.optimizer.param_groups})
     assert initial == pytest.approx([1e-06, 1e-05])  # encoder at lr * encoder_lr_mult, the rest at lr
+    main(cli_args(frames, params))
+    assert load_checkpoint(tmp_path / "models" / "tiny" / "best.pt")[1]["train_params"]["lr"] == 1e-05
     assert (tmp_path / "models" / "tiny" / "best.pt").is_file()
     assert (tmp_path / "dvclive" / "tiny" / "metrics.json").is_file()
 
@@ -298,7 +323,7 @@ def test_lr_override_as_dvc_writes_it_reaches_the_optimizer(tmp_path, frames, mo
 def test_bad_training_params_name_the_key(tmp_path, override, message):
     params = write_params(tmp_path / "params.yaml", **dict([override.split(": ")]))
     with pytest.raises(CharsegError, match=message):
-        read_config(load_params(params))
+        load_config(params).train
 
 
 def test_unknown_model_name_lists_the_valid_ones(tmp_path, frames):
@@ -348,7 +373,8 @@ def test_torchrun_two_cpu_processes_train_one_epoch(tmp_path, frames):
     assert proc.stdout.count("tiny epoch 1/1: train loss") == 1  # only rank 0 reports
 
     # The Dice both processes agreed on is the whole-set Dice of the saved model on all 7 frames.
-    files = cache_pairs(split["val"][:7], frames / "frames", frames / "masks", 32, tmp_path / ".cache")
+    files = cache_pairs(split["val"][:7], FramesDir(frames / "frames"), MasksDir(frames / "masks"), 32,
+                        tmp_path / ".cache")
     images, masks = (torch.stack(t) for t in zip(*PairDataset(files)))
     with torch.no_grad():
         logits = model(normalize(images, meta["mean"], meta["std"]))

@@ -1,0 +1,61 @@
+"""The label cache (labels.cache_dir): SAM's answers kept by frame content, outside DVC's outputs."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from charseg.errors import CharsegError
+from charseg.io import imread, imwrite_atomic, read_json, write_json
+from charseg.labels.detect import FrameLabel
+
+
+class LabelCache:
+    """Content-addressed FrameLabels: `<root>/<key[:2]>/<key>.json` (+ `.png`, the raw union mask).
+
+    The key hashes the frame's bytes with the labeler's fingerprint, so a frame already labelled
+    with the same weights and params is never sent to SAM again, whichever video or run it comes
+    from; refinement is applied after the cache, so changing labels.refine costs no SAM time either.
+    Each file is written atomically and the JSON last: an interrupted run leaves only whole entries.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.root, self.fingerprint = Path(root), fingerprint
+
+    def key(self, frame_bytes: bytes) -> str:
+        return hashlib.sha256(self.fingerprint.encode("ascii") + hashlib.sha256(frame_bytes).digest()).hexdigest()
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        folder = self.root / key[:2]
+        return folder / f"{key}.json", folder / f"{key}.png"
+
+    def get(self, key: str) -> FrameLabel | None:
+        meta_path, mask_path = self._paths(key)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = read_json(meta_path)
+            shape = (int(meta["height"]), int(meta["width"]))
+            if meta["has_mask"]:
+                mask = imread(mask_path, cv2.IMREAD_GRAYSCALE) > 0
+                if mask.shape != shape:
+                    return None
+            else:
+                mask = np.zeros(shape, dtype=bool)
+            return FrameLabel(mask, np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4),
+                              np.asarray(meta["box_scores"], dtype=np.float32),
+                              np.asarray(meta["sam_scores"], dtype=np.float32))
+        except (CharsegError, ValueError, KeyError, TypeError):
+            return None  # an unreadable entry is a miss: the frame is labelled again and the entry rewritten
+
+    def put(self, key: str, label: FrameLabel) -> None:
+        meta_path, mask_path = self._paths(key)
+        has_mask = bool(label.mask.any())
+        if has_mask:
+            imwrite_atomic(mask_path, label.mask.astype(np.uint8) * 255)
+        write_json(meta_path, {"height": label.mask.shape[0], "width": label.mask.shape[1], "has_mask": has_mask,
+                               "boxes": label.boxes.tolist(), "box_scores": label.box_scores.tolist(),
+                               "sam_scores": label.sam_scores.tolist()})
+
