@@ -127,7 +127,7 @@ def time_stage(detector, segmenter, frames: list[tuple], device: str, half: bool
                 return found
 
         cfg = LabelsConfig(
-            method="yolo_sam", device=device, half=half,
+            method="yolo_sam", device=device, half=half, workers=1,
             detector=DetectorConfig(weights=Path("unused"), conf=0.5, min_box_area=0.002, imgsz=640, batch=16),
             sam=SamConfig(model_type=model_type, checkpoint=Path("unused")),
             refine=RefineConfig(close_kernel=5, open_kernel=3, min_area=0.001, max_hole_area=0.001),

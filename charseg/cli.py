@@ -5,6 +5,7 @@
     charseg sample  --out data/raw
     charseg compare
     charseg remote check
+    charseg agreement --a vit_b --b mobile_sam.pt
 
 Each command is a module of the package with its own `main(argv)`; `charseg <command> --help` lists its options.
 """
@@ -21,6 +22,7 @@ COMMANDS = {
     "sample": "generate the synthetic demo footage, remove it, or run the demo (make repro)",
     "compare": "one row per DVC experiment: each model's val Dice, Dice and boundary F1",
     "remote": "check the DVC remote before a pull (make pull)",
+    "agreement": "label a sample of frames with two labelling backends and score how well they agree",
 }
 
 

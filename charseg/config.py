@@ -161,6 +161,7 @@ SCHEMA: dict[str, Any] = {
         "method": Text(choices=("yolo_sam", "import")),
         "device": Text(),
         "half": Flag(),
+        "workers": Num(lo=0, integer=True),
         "detector": {
             "weights": Text(),
             "conf": Num(lo=0, hi=1),
@@ -378,6 +379,7 @@ class LabelsConfig:
     method: str
     device: str
     half: bool
+    workers: int                # labelling processes over disjoint shards of the frames (0: one per GPU)
     detector: DetectorConfig
     sam: SamConfig
     refine: RefineConfig

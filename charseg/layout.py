@@ -89,6 +89,11 @@ class Layout:
         return self.raw / "videos"
 
     @property
+    def weights(self) -> Path:
+        """Detector and SAM-family weight files (`dvc add weights/<file>` to share them)."""
+        return self.root / "weights"
+
+    @property
     def frames(self) -> FramesDir:
         return FramesDir(self.root / "data" / "frames")
 

@@ -106,7 +106,7 @@ def planted_labeler(segmenter=None, settings=None):
 
 def config(tmp_path, *, batch=2, **changes) -> LabelsConfig:
     cfg = LabelsConfig(
-        method="yolo_sam", device="cpu", half=False,
+        method="yolo_sam", device="cpu", half=False, workers=1,
         detector=DetectorConfig(weights=tmp_path / "weights/yolov8s.pt", conf=0.5, min_box_area=0.0, imgsz=64,
                                 batch=batch),
         sam=SamConfig(model_type="vit_b", checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth"),
