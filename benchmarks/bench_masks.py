@@ -1,33 +1,53 @@
-"""Weak-label speed: YOLO batches, SAM per frame, and the whole masks stage cold and from its label cache.
+"""Weak-label speed per backend: labelled frames/s at 640x480 for YOLOv8n + each SAM-family backend and
+yolo_seg, the whole masks stage with a cold label cache, and 1 against 2 labelling worker processes.
 
-    .venv/bin/python benchmarks/bench_masks.py [--frames 3] [--size 640x480] [--model-type vit_b]
-                                               [--device auto] [--naive]
+    .venv/bin/python benchmarks/bench_masks.py [--frames 4] [--size 640x480] [--device cpu]
+        [--backends vit_b,mobile_sam.pt,mobile_sam.pt@onnx,sam2.1_t.pt,yolo_seg]
+        [--workers-backend mobile_sam.pt] [--workers-frames 4]
+    smoke run (well under a minute on an idle 2-core box):
+    .venv/bin/python benchmarks/bench_masks.py --frames 1 --backends mobile_sam.pt,yolo_seg --workers-frames 0
 
-Frames are the sample generator's (charseg/sample.py: rooms with walking figures) at --size, and the
-boxes are the bounding boxes of its exact masks (a perfect detector), so SAM sees realistic prompts.
-Weights are random (YOLOv8s built from its .yaml, SAM from sam_model_registry without a checkpoint):
-the timings are those of the real weights, the masks are not. Figures printed:
+Weights: real architectures with random weights, written to a temporary folder under the official file
+names (YOLOv8n and YOLOv8n-seg from their .yaml, segment-anything's vit_b, ultralytics' MobileSAM and
+SAM 2.1-tiny) and loaded by the stage's own charseg.labels.detect.build_labeler: the timings are those of
+the real models, the masks are not. Frames are the sample generator's (charseg/sample.py) at --size.
 
-  yolo batched     PersonDetector on all frames in one predict call (labels.detector.batch)
-  yolo per frame   the same frames one call each
-  sam              SamBoxSegmenter: one image embedding + all of a frame's boxes in one decoder call
-  sam naive        (--naive) an embedding per box, the way a per-box loop would do it
-  stage cold       charseg.masks.make_masks with an empty label cache: YOLO (timed, its boxes replaced by
-                   the planted ones) + SAM + refine + PNGs + QA plots
-  stage cached     the same run again: every frame from the label cache, no weights loaded
+Detections: random YOLO weights find nobody, and then SAM would never run. So YOLO really runs on every
+batch and its answer is then replaced by the person boxes of the sample's exact masks (a perfect detector,
+realistic prompts): "run YOLO, then plant" rather than "time YOLO alone and add", so that the stage's own
+batching, label cache and worker processes are measured as they run (the planting wraps
+PersonDetector.detect in every process, workers included, through a module-level labeler factory).
+yolo_seg runs its segmentation model for real and keeps its (empty) answer: its cost is the forward pass,
+which does not depend on how many persons it finds.
 
-On CPU the lead runs it alone on the machine (2 cores); SAM's encoder dominates everything.
+Figures, each backend in the same run (ratio: frames/s over vit_b's, when vit_b is among --backends):
+  labeler   build_labeler(cfg).label on all frames, labels.detector.batch at a time, models already loaded
+  stage     charseg.masks.make_masks on the same frames, empty label cache: models loaded in the run, refine,
+            PNGs, manifest, QA plots: what a user waits for
+  (@onnx backends: the one-time encoder export is done and timed first, and kept out of both figures)
+Workers: make_masks with labels.workers 1 and then 2 on --workers-backend, cold label cache each; each of
+N workers gets cores // N torch threads. The 2-worker figure includes spawning the processes and loading
+the models in each (~10 s on 2 busy cores), so give it enough --workers-frames to show the steady state.
+The lead runs the full benchmark alone on the machine.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_BACKENDS = "vit_b,mobile_sam.pt,mobile_sam.pt@onnx,sam2.1_t.pt,yolo_seg"
+ULTRALYTICS_BUILDERS = {"mobile_sam.pt": "build_mobile_sam", "sam2.1_t.pt": "build_sam2_t"}
 
 
 def render_frames(n: int, size: tuple[int, int]) -> list[tuple]:
@@ -49,140 +69,196 @@ def render_frames(n: int, size: tuple[int, int]) -> list[tuple]:
     return frames
 
 
-def time_yolo(detector, images: list) -> None:
-    """PersonDetector on all frames in one predict call, then one call per frame."""
-    detector.detect(images[:1])  # warm-up: model fusing, first-call allocations
-    start = time.perf_counter()
-    detector.detect(images)
-    batched = time.perf_counter() - start
-    start = time.perf_counter()
-    for image in images:
-        detector.detect([image])
-    single = time.perf_counter() - start
-    print(f"yolo batched                   {len(images) / batched:8.2f} frames/s")
-    print(f"yolo per frame                 {len(images) / single:8.2f} frames/s")
-
-
-def time_sam(segmenter, frames: list[tuple], naive: bool) -> None:
-    """One embedding per frame with all its boxes; with `naive`, also one embedding per box."""
-    start = time.perf_counter()
-    for image, boxes in frames:
-        segmenter.segment(image, boxes)
-    per_frame = (time.perf_counter() - start) / len(frames)
-    print(f"sam                            {1 / per_frame:8.3f} frames/s  ({per_frame:.2f} s/frame)")
-    if naive:
-        start = time.perf_counter()
-        for image, boxes in frames:
-            for box in boxes:
-                segmenter.segment(image, box[None])
-        per_frame = (time.perf_counter() - start) / len(frames)
-        print(f"sam naive (embedding per box)  {1 / per_frame:8.3f} frames/s  ({per_frame:.2f} s/frame)")
-
-
-def write_frames(frames_dir, frames: list[tuple]) -> dict:
-    """The frames as a frames-stage folder; the planted boxes by the hash of each frame as the stage decodes it."""
+def write_frames(frames_dir, frames: list[tuple], boxes_file: Path) -> list:
+    """The frames as a frames-stage folder; the planted boxes by the hash of each frame as the stage decodes
+    it, in `boxes_file`; the decoded frames."""
     import hashlib
 
-    from charseg.io import imread, imwrite_atomic, write_csv
+    from charseg.io import imread, imwrite_atomic, write_csv, write_json
     from charseg.layout import FRAME_COLUMNS
 
-    boxes_by_pixels, rows = {}, []
+    boxes_by_pixels, rows, decoded = {}, [], []
     for i, (image, boxes) in enumerate(frames):
         frame_id = f"bench--clip--{i:08d}"
         imwrite_atomic(frames_dir.image(frame_id), image)
-        decoded = imread(frames_dir.image(frame_id))  # what the stage will hand the detector
-        boxes_by_pixels[hashlib.sha1(decoded.tobytes()).hexdigest()] = boxes
+        decoded.append(imread(frames_dir.image(frame_id)))  # what the stage will hand the detector
+        boxes_by_pixels[hashlib.sha1(decoded[-1].tobytes()).hexdigest()] = boxes.tolist()
         rows.append({"id": frame_id, "character": "bench", "video": "bench/clip.mp4", "frame_index": i,
                      "timestamp": float(i), "width": image.shape[1], "height": image.shape[0]})
     write_csv(frames_dir.manifest, rows, FRAME_COLUMNS)
-    return boxes_by_pixels
+    write_json(boxes_file, boxes_by_pixels)
+    return decoded
 
 
-def time_stage(detector, segmenter, frames: list[tuple], device: str, half: bool, model_type: str) -> None:
-    """make_masks cold (the real YOLO timed, its boxes replaced by the planted ones; SAM; refine; PNGs; QA),
-    then again from the label cache."""
+def plant_boxes(boxes_file: str) -> None:
+    """PersonDetector.detect runs YOLO as always, then answers with the planted boxes of `boxes_file` (each
+    Bench has its own frames and file: a later call re-plants over the same real detector)."""
     import hashlib
 
     import numpy as np
 
-    from charseg.config import DetectorConfig, LabelsConfig, RefineConfig, SamConfig
-    from charseg.labels.detect import Detections, YoloSamLabeler
-    from charseg.layout import FramesDir, MasksDir
-    from charseg.masks import make_masks
+    from charseg.labels import detect
 
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        frames_dir, masks_dir = FramesDir(tmp / "frames"), MasksDir(tmp / "out/masks")
-        boxes_by_pixels = write_frames(frames_dir, frames)
+    boxes_by_pixels = json.loads(Path(boxes_file).read_text())
+    real_detect = getattr(detect.PersonDetector.detect, "real", detect.PersonDetector.detect)
 
-        class YoloThenPlanted:
-            """Runs the real YOLO (for its cost), then answers with the sample's true boxes for each frame."""
+    def detect_then_plant(self: Any, images: list) -> list:
+        real_detect(self, images)  # the detector's cost, in every figure
+        found = []
+        for image in images:
+            boxes = np.asarray(boxes_by_pixels.get(hashlib.sha1(image.tobytes()).hexdigest(), []), np.float32)
+            found.append(detect.Detections(boxes.reshape(-1, 4), np.full(len(boxes), 0.9, np.float32)))
+        return found
 
-            def detect(self, batch):
-                detector.detect(batch)
-                found = []
-                for image in batch:
-                    boxes = boxes_by_pixels[hashlib.sha1(image.tobytes()).hexdigest()]
-                    found.append(Detections(boxes, np.full(len(boxes), 0.9, np.float32)))
-                return found
+    detect_then_plant.real = real_detect  # type: ignore[attr-defined]
+    detect.PersonDetector.detect = detect_then_plant
 
-        cfg = LabelsConfig(
-            method="yolo_sam", device=device, half=half, workers=1,
-            detector=DetectorConfig(weights=Path("unused"), conf=0.5, min_box_area=0.002, imgsz=640, batch=16),
-            sam=SamConfig(model_type=model_type, checkpoint=Path("unused")),
-            refine=RefineConfig(close_kernel=5, open_kernel=3, min_area=0.001, max_hole_area=0.001),
-            import_dir=tmp / "none", mask_index=None, truth_dir=None, cache_dir=tmp / "cache", keep_empty=True,
-            qa_samples=8)
 
-        def run_stage(labeler: YoloSamLabeler) -> float:
-            start = time.perf_counter()
-            make_masks(frames_dir, masks_dir, tmp / "out/plots", tmp / "out/metrics.json", cfg, labeler=labeler)
-            return time.perf_counter() - start
+def planted_labeler(cfg: Any, *, device: str | None = None, boxes_file: str) -> Any:
+    """The stage's LabelerFactory with the planted boxes: build_labeler, YOLO answered by plant_boxes."""
+    from charseg.labels.detect import build_labeler
 
-        cold = run_stage(YoloSamLabeler(YoloThenPlanted, lambda: segmenter, {"bench": model_type}))
-        print(f"stage cold (empty label cache) {len(frames) / cold:8.3f} frames/s  ({cold / len(frames):.2f} s/frame)")
+    plant_boxes(boxes_file)
+    return build_labeler(cfg, device=device)
 
-        def unused():
-            raise AssertionError("the cached run loaded a model")
 
-        warm = run_stage(YoloSamLabeler(unused, unused, {"bench": model_type}))
-        print(f"stage cached (no SAM, no YOLO) {len(frames) / warm:8.2f} frames/s")
+def write_weights(folder: Path, specs: list[str]) -> None:
+    """Random-weight files under the official names, for the backends `specs` need."""
+    import torch
+    from ultralytics import YOLO
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    YOLO("yolov8n.yaml").save(folder / "yolov8n.pt")
+    names = {spec.partition("@")[0] for spec in specs}
+    if "yolo_seg" in names:
+        YOLO("yolov8n-seg.yaml").save(folder / "yolov8n-seg.pt")
+    if "vit_b" in names:
+        from segment_anything import sam_model_registry
+
+        torch.save(sam_model_registry["vit_b"]().state_dict(), folder / "sam_vit_b_01ec64.pth")
+    for name in names & set(ULTRALYTICS_BUILDERS):
+        from ultralytics.models.sam import build
+
+        torch.save(getattr(build, ULTRALYTICS_BUILDERS[name])(None).state_dict(), folder / name)
+
+
+def backend_cfg(base: Any, spec: str, weights: Path, cache: Path, workers: int = 1) -> Any:
+    """params.yaml's labels config for `spec` (as `charseg agreement` reads it), on the random weights."""
+    from charseg.agreement import backend_config
+
+    name, at, runtime = spec.partition("@")
+    path_spec = str(weights / name) + at + runtime if name in ULTRALYTICS_BUILDERS else spec
+    return replace(backend_config(base, path_spec, weights / "yolov8n-seg.pt"), cache_dir=cache, workers=workers)
+
+
+class Bench:
+    """The frames, weights and base config of one run; times labelers and stage runs on them."""
+
+    def __init__(self, tmp: Path, weights: Path, frames: list[tuple], device: str):
+        from charseg.config import load_config
+        from charseg.layout import FramesDir
+
+        self.tmp, self.weights, self.frames_dir = tmp, weights, FramesDir(tmp / "frames")
+        self.boxes_file = tmp / "boxes.json"
+        self.images = write_frames(self.frames_dir, frames, self.boxes_file)
+        labels = load_config(REPO_ROOT / "params.yaml").labels
+        self.base = replace(labels, device=device, detector=replace(labels.detector, weights=weights / "yolov8n.pt",
+                                                                    imgsz=640),
+                            sam=replace(labels.sam, model="vit_b", checkpoint=weights / "sam_vit_b_01ec64.pth"))
+        self.factory = partial(planted_labeler, boxes_file=str(self.boxes_file))
+        self.runs = 0
+
+    def cfg(self, spec: str, workers: int = 1) -> Any:
+        """The backend's config on a fresh label cache that holds only the exported encoders (if any)."""
+        self.runs += 1
+        cache = self.tmp / f"cache{self.runs}"
+        if (self.tmp / "encoders").is_dir():
+            shutil.copytree(self.tmp / "encoders", cache / "encoders")
+        return backend_cfg(self.base, spec, self.weights, cache, workers)
+
+    def time_labeler(self, spec: str) -> tuple[float, float]:
+        """(seconds of the first call: model loading, and the encoder export for @onnx; frames/s after)."""
+        cfg = self.cfg(spec)
+        labeler = self.factory(cfg)
+        start = time.perf_counter()
+        list(labeler.label(self.images[:1]))
+        first = time.perf_counter() - start
+        if (cfg.cache_dir / "encoders").is_dir():  # exported once: the later runs start with it
+            shutil.copytree(cfg.cache_dir / "encoders", self.tmp / "encoders", dirs_exist_ok=True)
+        batch = cfg.detector.batch
+        start = time.perf_counter()
+        for i in range(0, len(self.images), batch):
+            list(labeler.label(self.images[i:i + batch]))
+        return first, len(self.images) / (time.perf_counter() - start)
+
+    def time_stage(self, spec: str, workers: int = 1) -> float:
+        """make_masks on every frame with an empty label cache: frames/s."""
+        from charseg.layout import MasksDir
+        from charseg.masks import make_masks
+
+        cfg, out = self.cfg(spec, workers), self.tmp / f"out{self.runs}"
+        start = time.perf_counter()
+        make_masks(self.frames_dir, MasksDir(out / "masks"), out / "plots", out / "metrics.json", cfg,
+                   labeler_factory=self.factory)
+        return len(self.images) / (time.perf_counter() - start)
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:6.2f}x" if reference else "     -"
+
+
+def compare_backends(bench: Bench, specs: list[str]) -> None:
+    """labeler and stage frames/s per backend, and their ratio to vit_b's."""
+    results = {}
+    for spec in specs:
+        first, labeler = bench.time_labeler(spec)
+        results[spec] = (first, labeler, bench.time_stage(spec))
+        print(f"  {spec:22s} first call {first:7.1f} s", file=sys.stderr)
+    reference = results.get("vit_b", (0.0, None, None))
+    print(f"\n{'backend (+ YOLOv8n)':22s} {'first call':>10s} {'labeler':>12s} {'vs vit_b':>8s} {'stage':>12s} "
+          f"{'vs vit_b':>8s}")
+    for spec, (first, labeler, stage) in results.items():
+        print(f"{spec:22s} {first:8.1f} s {labeler:8.3f} f/s {ratio(labeler, reference[1]):>8s} "
+              f"{stage:8.3f} f/s {ratio(stage, reference[2]):>8s}")
+
+
+def compare_workers(bench: Bench, spec: str) -> None:
+    one, two = bench.time_stage(spec, workers=1), bench.time_stage(spec, workers=2)
+    print(f"\nstage on {spec}: 1 worker {one:.3f} f/s, 2 workers {two:.3f} f/s ({two / one:.2f}x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=4, help="frames per backend")
     parser.add_argument("--size", default="640x480", help="frame width x height")
-    parser.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--naive", action="store_true", help="also time one SAM embedding per box")
+    parser.add_argument("--backends", default=DEFAULT_BACKENDS, help="comma-separated SPECs, as charseg agreement")
+    parser.add_argument("--workers-backend", default="mobile_sam.pt")
+    parser.add_argument("--workers-frames", type=int, default=4, help="frames of the 1 vs 2 workers run; 0: skip")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     args = parser.parse_args()
 
     import torch
 
     from charseg import environment
-    from charseg.device import select_device
-    from charseg.labels.detect import PersonDetector, SamBoxSegmenter
-    from charseg.labels.weights import load_sam, load_yolo
 
     environment.configure()  # as run_cli does for the stages: ultralytics' settings stay in the project
     width, height = (int(v) for v in args.size.lower().split("x"))
-    device = select_device(args.device)
-    half = device.type == "cuda"
-    frames = render_frames(args.frames, (width, height))
-    n_boxes = sum(len(b) for _, b in frames)
-    print(f"{len(frames)} frames {width}x{height}, {n_boxes} persons; device {device} "
-          f"({torch.get_num_threads()} CPU threads){', half precision' if half else ''}; SAM {args.model_type}")
-
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    detector = PersonDetector(load_yolo("yolov8s.yaml"), conf=0.5, min_box_area=0.002, device=device, half=half)
-    segmenter = SamBoxSegmenter(load_sam(args.model_type, None, device), half=half)
-    print(f"build models (random weights)  {time.perf_counter() - start:8.2f} s")
-
-    time_yolo(detector, [image for image, _ in frames])
-    time_sam(segmenter, frames, args.naive)
-    time_stage(detector, segmenter, frames, str(device), half, args.model_type)
+    specs = [s for s in args.backends.split(",") if s]
+    needed = specs + ([args.workers_backend] if args.workers_frames else [])
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        start = time.perf_counter()
+        write_weights(tmp / "w", needed)
+        print(f"random weights written in {time.perf_counter() - start:.1f} s; {torch.get_num_threads()} CPU "
+              f"threads; device {args.device}", file=sys.stderr)
+        if specs:
+            frames = render_frames(args.frames, (width, height))
+            print(f"{len(frames)} frames {width}x{height}, {sum(len(b) for _, b in frames)} persons")
+            compare_backends(Bench(tmp / "backends", tmp / "w", frames, args.device), specs)
+        if args.workers_frames:
+            frames = render_frames(args.workers_frames, (width, height))
+            compare_workers(Bench(tmp / "workers", tmp / "w", frames, args.device), args.workers_backend)
 
 
 if __name__ == "__main__":

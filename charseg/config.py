@@ -158,7 +158,7 @@ SCHEMA: dict[str, Any] = {
         "workers": Num(lo=0, integer=True),
     },
     "labels": {
-        "method": Text(choices=("yolo_sam", "import")),
+        "method": Text(choices=("yolo_sam", "yolo_seg", "import")),
         "device": Text(),
         "half": Flag(),
         "workers": Num(lo=0, integer=True),
@@ -170,8 +170,9 @@ SCHEMA: dict[str, Any] = {
             "batch": Num(lo=1, integer=True),
         },
         "sam": {
-            "model_type": Text(choices=("vit_b", "vit_l", "vit_h")),
+            "model": Text(),  # vit_b | vit_l | vit_h, or an ultralytics SAM-family file: charseg.labels.weights
             "checkpoint": Text(),
+            "runtime": Text(choices=("torch", "onnx")),
         },
         "refine": {
             "close_kernel": Num(lo=0, integer=True),
@@ -362,8 +363,9 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class SamConfig:
-    model_type: str
-    checkpoint: Path
+    model: str                  # vit_b | vit_l | vit_h (segment-anything), or an ultralytics SAM-family weights file
+    checkpoint: Path            # the vit_* checkpoint (ultralytics files are named by `model` itself)
+    runtime: str = "torch"      # torch | onnx: where the image encoder runs (onnx: not SAM 2)
 
 
 @dataclass(frozen=True)

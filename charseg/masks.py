@@ -1,9 +1,15 @@
 """The masks stage's work: one binary person mask per frame, paired with its frame by id.
 
-labels.method yolo_sam: YOLOv8 person boxes prompt SAM (charseg.labels.detect) and the union of a
-frame's masks is cleaned by labels.refine. Labels go through a content-addressed cache
-(labels.cache_dir, keyed by the frame's bytes and the weights and params that change SAM's answer), so
-adding a video, resuming an interrupted run or changing labels.refine sends only unseen frames to SAM.
+labels.method picks what makes the labels (charseg.labels.detect.build_labeler): yolo_sam, YOLO person
+boxes prompting a SAM-family model (labels.sam.model: segment-anything's vit_b/l/h, or ultralytics'
+MobileSAM, SAM 2 / 2.1; labels.sam.runtime torch or onnx), or yolo_seg, a YOLO segmentation model's person
+masks with no SAM. Either way the union of a frame's person masks is cleaned by labels.refine. Labels go
+through a content-addressed cache (labels.cache_dir, keyed by the frame's bytes and the weights and params
+that change the labeler's answer), so adding a video, resuming an interrupted run or changing
+labels.refine sends only unseen frames to the models.
+labels.workers N > 1 (0: one per GPU) labels the frames the cache lacks over N worker processes, one GPU
+each on a GPU box (charseg.label_shards), before the one-process pass below assembles everything from the
+cache: the outputs are the same bytes for any N, and an interrupted run resumes from the cache.
 labels.method import: the masks in labels.import_dir replace the weak labels; every mask that does not
 fit (missing, unreadable, wrong size, not binary) is reported by name, and then nothing is written; a
 person painted only in the alpha channel is read from it, and empty masks on frames that are not
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +39,9 @@ from tqdm import tqdm
 from charseg.config import LabelsConfig, RefineConfig
 from charseg.errors import CharsegError, warn
 from charseg.io import atomic_dir, imread, imwrite_atomic, read_manifest, slugify, write_csv, write_json
+from charseg.label_shards import Labeler, LabelerFactory, label_in_workers, labels_through_cache, worker_count
 from charseg.labels.cache import LabelCache
-from charseg.labels.detect import FrameLabel, YoloSamLabeler
+from charseg.labels.detect import FrameLabel, build_labeler
 from charseg.labels.imported import MaskMismatch, is_uniform, mask_files, read_binary_mask
 from charseg.labels.refine import refine_mask
 from charseg.layout import LABEL_COLUMNS, FramesDir, MasksDir
@@ -97,8 +104,13 @@ def _numbers(values: np.ndarray, digits: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# labels.method yolo_sam
+# labels.method yolo_sam and yolo_seg
 # ---------------------------------------------------------------------------------------------
+
+def final_mask(label: FrameLabel, refine: RefineConfig) -> np.ndarray:
+    """The 0/255 uint8 mask a label becomes: its raw mask refined, all zero when nobody was found."""
+    return refine_mask(label.mask, refine) if len(label.boxes) else np.zeros(label.mask.shape, np.uint8)
+
 
 class FrameLabeller:
     """Turns a frame's FrameLabel (fresh or cached) into its manifest fields: refined, saved, measured."""
@@ -110,70 +122,28 @@ class FrameLabeller:
         n = len(label.boxes)
         fields = {"n_persons": n, "boxes": _numbers(label.boxes, 1), "box_scores": _numbers(label.box_scores, 4),
                   "sam_scores": _numbers(label.sam_scores, 4), "note": ""}
+        mask = final_mask(label, self.refine)
         if n == 0:
-            return {**fields, "status": "empty", **self.saver.save(frame_id, np.zeros(label.mask.shape, np.uint8))}
-        mask = refine_mask(label.mask, self.refine)
+            return {**fields, "status": "empty", **self.saver.save(frame_id, mask)}
         if not mask.any():
             return {**fields, **_failed(f"{n} person(s) found but their mask is empty after refinement")}
         return {**fields, "status": "labelled", **self.saver.save(frame_id, mask)}
 
 
-@dataclass
-class FrameLookup:
-    """A frame as the label cache sees it: its cached label, or its key and decoded image to label, or
-    why it cannot be labelled (`failure`)."""
-    key: str = ""
-    label: FrameLabel | None = None
-    image: np.ndarray | None = None
-    failure: str = ""
-
-
-def look_up(path: Path, cache: LabelCache) -> FrameLookup:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        return FrameLookup(failure=f"cannot read {path}: {err.strerror or err}")
-    key = cache.key(data)
-    cached = cache.get(key)
-    if cached is not None:
-        return FrameLookup(key, label=cached)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        return FrameLookup(failure=f"{path} is not a readable image")
-    return FrameLookup(key, image=image)
-
-
-def label_frames(rows: list[dict[str, str]], frames: FramesDir, labeler: YoloSamLabeler, cache: LabelCache,
+def label_frames(rows: list[dict[str, str]], frames: FramesDir, labeler: Labeler, cache: LabelCache,
                  batch: int, labeller: FrameLabeller) -> tuple[dict[str, dict], Counter]:
-    """YOLO+SAM labels per frame id, from the cache where possible; misses are labelled `batch` at a time."""
+    """Labels per frame id, from the cache where possible; misses are labelled `batch` at a time."""
     results: dict[str, dict] = {}
     stats: Counter = Counter()
-    pending: list[tuple[str, FrameLookup]] = []
-
-    def flush() -> None:
-        for (frame_id, found), label in zip(pending, labeler.label([found.image for _, found in pending])):
-            cache.put(found.key, label)  # at once: an interrupted run keeps every frame finished so far
-            results[frame_id] = labeller.fields(frame_id, label)
-            stats["labelled_now"] += 1
-            progress.update()
-        pending.clear()
-
+    paths = ((row["id"], frames.image(row["id"])) for row in rows)
     with tqdm(total=len(rows), desc="masks", unit="frame") as progress:
-        for row in rows:
-            frame_id = row["id"]
-            found = look_up(frames.image(frame_id), cache)
-            if found.image is not None:
-                pending.append((frame_id, found))
-                if len(pending) >= batch:
-                    flush()
-                continue
-            if found.label is not None:
-                stats["from_cache"] += 1
-                results[frame_id] = labeller.fields(frame_id, found.label)
-            else:
+        for frame_id, found, fresh in labels_through_cache(paths, labeler, cache, batch):
+            if found.label is None:
                 results[frame_id] = _failed(found.failure)
+            else:
+                results[frame_id] = labeller.fields(frame_id, found.label)
+                stats["labelled_now" if fresh else "from_cache"] += 1
             progress.update()
-        flush()
     return results, stats
 
 
@@ -284,6 +254,14 @@ def _histogram(path: Path, values: list[float], bins: Any, title: str, xlabel: s
     plt.close(fig)
 
 
+def spread_sample(rows: list[dict[str, Any]], samples: int) -> list[dict[str, Any]]:
+    """Up to `samples` of the rows (one character's frames), evenly spread over its videos' time: the same
+    rows for the same manifest, whatever order it lists them in."""
+    ordered = sorted(rows, key=lambda r: (r["video"], float(r["timestamp"]), r["id"]))
+    picks = sorted(set(np.linspace(0, len(ordered) - 1, min(samples, len(ordered))).round().astype(int)))
+    return [ordered[i] for i in picks]
+
+
 def _overlay_grids(tmp: Path, rows: list[dict[str, Any]], frames: FramesDir, masks: MasksDir, samples: int) -> None:
     """overlays_<character>.png: up to `samples` frames per character, spread over its videos' time."""
     by_character: dict[str, list[dict]] = defaultdict(list)
@@ -291,11 +269,9 @@ def _overlay_grids(tmp: Path, rows: list[dict[str, Any]], frames: FramesDir, mas
         if row["status"] != "failed":
             by_character[row["character"]].append(row)
     for character, char_rows in sorted(by_character.items()):
-        char_rows.sort(key=lambda r: (r["video"], float(r["timestamp"]), r["id"]))
-        picks = sorted(set(np.linspace(0, len(char_rows) - 1, min(samples, len(char_rows))).round().astype(int)))
+        picks = spread_sample(char_rows, samples)
         if picks:
-            tiles = [overlay_tile(frames.image(char_rows[i]["id"]), masks.mask(char_rows[i]["id"]), char_rows[i])
-                     for i in picks]
+            tiles = [overlay_tile(frames.image(row["id"]), masks.mask(row["id"]), row) for row in picks]
             imwrite_atomic(tmp / f"overlays_{slugify(character)}.png", tile_grid(tiles))
 
 
@@ -334,18 +310,24 @@ def summarize(rows: list[dict[str, Any]], truth: TruthScore | None) -> dict[str,
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def make_labels(rows: list[dict[str, str]], frames: FramesDir, cfg: LabelsConfig, labeler: YoloSamLabeler | None,
-                saver: MaskSaver) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Each frame's manifest fields by cfg.method, and the report's `source` (what made the labels)."""
+def make_labels(rows: list[dict[str, str]], frames: FramesDir, cfg: LabelsConfig, labeler: Labeler | None,
+                saver: MaskSaver, workers: LabelerFactory | None = None) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Each frame's manifest fields by cfg.method, and the report's `source` (what made the labels).
+    With `workers` (the factory of the workers' labelers), the frames missing from the label cache are
+    labelled first over worker_count(cfg) processes; the fields are then read from the cache."""
     if cfg.method == "import":
         results = import_masks(rows, frames, cfg.import_dir, cfg.mask_index, saver)
         print(f"masks: imported {len(results)} masks from {cfg.import_dir}")
         return results, {"import_dir": str(cfg.import_dir), "mask_index": cfg.mask_index or None}
-    assert labeler is not None, "make_masks builds the labeler for yolo_sam"
+    assert labeler is not None, "make_masks builds the labeler"
+    n_workers = worker_count(cfg) if workers is not None else 1
+    by_workers = label_in_workers([frames.image(row["id"]) for row in rows], cfg, workers, labeler.fingerprint,
+                                  n_workers) if n_workers > 1 else 0
     results, stats = label_frames(rows, frames, labeler, LabelCache(cfg.cache_dir, labeler.fingerprint),
                                   cfg.detector.batch, FrameLabeller(cfg.refine, saver))
-    print(f"masks: {stats['labelled_now']} frames labelled by YOLO+SAM now, {stats['from_cache']} from the "
-          f"label cache ({cfg.cache_dir})")
+    workers_note = f" ({by_workers} by {n_workers} worker processes)" if by_workers else ""
+    print(f"masks: {stats['labelled_now'] + by_workers} frames labelled now{workers_note}, "
+          f"{max(0, stats['from_cache'] - by_workers)} from the label cache ({cfg.cache_dir})")
     return results, {**labeler.settings, "refine": asdict(cfg.refine)}
 
 
@@ -364,27 +346,31 @@ def write_manifest_and_report(out: MasksDir, rows: list[dict[str, str]], results
 
 
 def make_masks(frames: FramesDir, out: MasksDir, plots_dir: Path, metrics_path: Path, cfg: LabelsConfig,
-               labeler: YoloSamLabeler | None = None) -> dict[str, float | int]:
+               labeler: Labeler | None = None,
+               labeler_factory: LabelerFactory = build_labeler) -> dict[str, float | int]:
     """Masks, manifest, report, QA plots and metrics for every frame of `frames`; the metrics.
 
-    `labeler` replaces the one built from cfg's weights files (tests plant detections this way).
+    The labeler is `labeler_factory(cfg, device=None)`, and with labels.workers > 1 every worker builds its
+    own with `labeler_factory(cfg, device=...)`: a module-level callable, so that it pickles into spawned
+    processes (tests plant one this way). A `labeler` instance given instead labels in this process only.
     Weights are resolved before anything is written: absent weights stop the run with nothing changed.
     """
     rows = read_manifest(frames.manifest)
-    if cfg.method == "yolo_sam" and labeler is None:
-        labeler = YoloSamLabeler.from_files(cfg.detector, cfg.sam, device=cfg.device, half=cfg.half)
+    workers = None
+    if cfg.method != "import" and labeler is None:
+        labeler, workers = labeler_factory(cfg, device=None), labeler_factory
     truth = TruthScore(mask_files(cfg.truth_dir, cfg.mask_index, rows, key="labels.truth_dir")) \
         if cfg.truth_dir else None
 
     with atomic_dir(out.root) as tmp:
         staged = MasksDir(tmp)
-        results, source = make_labels(rows, frames, cfg, labeler, MaskSaver(staged, truth))
+        results, source = make_labels(rows, frames, cfg, labeler, MaskSaver(staged, truth), workers)
         manifest = write_manifest_and_report(staged, rows, results, cfg, source, truth)
 
     if truth is not None and truth.problems:
         warn(f"{len(truth.problems)} frame(s) left out of the truth Dice "
              f"(e.g. {truth.problems[0]}); all are listed in {out.report}")
-    write_qa_plots(plots_dir, manifest, frames, out, cfg.qa_samples, cfg.method == "yolo_sam")
+    write_qa_plots(plots_dir, manifest, frames, out, cfg.qa_samples, cfg.method != "import")
     metrics = summarize(manifest, truth)
     write_json(metrics_path, metrics)
     return metrics

@@ -60,7 +60,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * logits))
 
 
-def _session(model: str | bytes, providers: Sequence[Any], threads: int | None) -> ort.InferenceSession:
+def ort_session(model: str | bytes, providers: Sequence[Any], threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's provider-assignment warnings are noise here
     if threads:
@@ -134,7 +134,7 @@ def _parity(model: torch.nn.Module, data: bytes, size: int, name: str,
     with torch.no_grad():
         expected = model(batch.to(next(model.parameters()).device)).float().cpu().numpy().astype(np.float64)
     try:
-        session = _session(data, [ORT_CPU], None)
+        session = ort_session(data, [ORT_CPU], None)
     except Exception as err:  # ORT's own exception types, e.g. an opset newer than this onnxruntime
         raise CharsegError(f"onnxruntime {ort.__version__} cannot load the exported {name} "
                            f"({str(err).splitlines()[0]}): try a lower --opset") from err
@@ -177,7 +177,7 @@ class OnnxSegmenter:
             raise CharsegError(f"onnxruntime here offers {', '.join(available)}, not {', '.join(missing)}: "
                                f"install onnxruntime-gpu for CUDA, or use --device cpu")
         try:
-            self.session = _session(str(path), providers, threads)
+            self.session = ort_session(str(path), providers, threads)
         except Exception as err:  # ORT raises its own exception types for a file that is not ONNX
             raise CharsegError(f"{path} is not a readable ONNX model ({type(err).__name__}): "
                                f"{self._fix(path)}") from err

@@ -4,7 +4,8 @@
 
 Reads the frames stage's folder (images/<id>.jpg, manifest.csv), params.yaml's `labels:` and the weights
 (or labels.import_dir); writes <out>/images/<id>.png, <out>/manifest.csv, <out>/report.json, QA plots in
---plots and the numbers in --metrics.
+--plots and the numbers in --metrics. labels.workers > 1 (0: one per GPU) labels over that many processes,
+with the same outputs as one.
 """
 from __future__ import annotations
 

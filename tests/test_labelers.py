@@ -130,7 +130,7 @@ def test_load_sam_errors_name_the_file(tmp_path):
         load_sam("vit_b", corrupt)
     other = tmp_path / "other.pth"
     torch.save(tiny_sam().state_dict(), other)
-    with pytest.raises(CharsegError, match="does not fit labels.sam.model_type 'vit_b'"):
+    with pytest.raises(CharsegError, match="do not fit labels.sam.model 'vit_b'"):
         load_sam("vit_b", other)
     with pytest.raises(CharsegError, match="vit_b, vit_l, vit_h"):
         load_sam("vit_x", None)
@@ -155,7 +155,7 @@ def test_missing_weights_offline_stop_with_where_and_alternatives(tmp_path, monk
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(CharsegError, match="not an official ultralytics file"):
         resolve_yolo_weights(tmp_path / "weights" / "my_detector.pt")
-    with pytest.raises(CharsegError, match="official vit_h checkpoint but labels.sam.model_type is vit_b"):
+    with pytest.raises(CharsegError, match="official vit_h checkpoint but labels.sam.model is vit_b"):
         resolve_sam_checkpoint("vit_b", tmp_path / "sam_vit_h_4b8939.pth")
     assert not (tmp_path / "weights").exists()
 

@@ -19,8 +19,9 @@ from charseg.errors import CharsegError
 from charseg.io import imread, imwrite_atomic, write_csv
 from charseg.labels import detect, weights
 from charseg.labels.cache import LabelCache
-from charseg.labels.detect import Detections, YoloSamLabeler
+from charseg.labels.detect import YoloSamLabeler
 from charseg.layout import LABEL_COLUMNS, FramesDir, MasksDir
+from planted_labels import BoxSegmenter, PlantedDetector, rect_mask
 from stages.masks import main as stage_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +46,6 @@ def frame_image(size, persons):
     return image
 
 
-def rect_mask(size, rects):
-    mask = np.zeros(size, np.uint8)
-    for x1, y1, x2, y2 in rects:
-        mask[y1:y2, x1:x2] = 255
-    return mask
-
-
 def make_frames(root: Path, ids=None) -> Path:
     """A frames-stage output (images/<id>.jpg + manifest.csv), rows deliberately not in id order."""
     ids = list(FRAMES) if ids is None else ids
@@ -68,37 +62,6 @@ def make_frames(root: Path, ids=None) -> Path:
     return root
 
 
-class PlantedDetector:
-    """The bright rectangles of each frame, found by thresholding: a detector with known answers."""
-
-    def __init__(self):
-        self.batches = []
-
-    def detect(self, images):
-        self.batches.append(len(images))
-        found = []
-        for image in images:
-            bright = (image.mean(axis=2) > 128).astype(np.uint8)
-            n, _, stats, _ = cv2.connectedComponentsWithStats(bright)
-            boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:]]
-            found.append(Detections(np.array(boxes, np.float32).reshape(-1, 4), np.full(len(boxes), 0.9, np.float32)))
-        return found
-
-
-class BoxSegmenter:
-    """Each box prompt's mask is the box itself; counts its calls (one per frame with persons)."""
-
-    def __init__(self, fail_on_call=None):
-        self.calls, self.fail_on_call = 0, fail_on_call
-
-    def segment(self, image, boxes):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise KeyboardInterrupt
-        masks = np.stack([rect_mask(image.shape[:2], [tuple(int(v) for v in box)]) > 0 for box in boxes])
-        return masks, np.full(len(boxes), 0.75, np.float32)
-
-
 def planted_labeler(segmenter=None, settings=None):
     detector, segmenter = PlantedDetector(), segmenter or BoxSegmenter()
     return YoloSamLabeler(lambda: detector, lambda: segmenter, settings or {"test": "planted"}), detector, segmenter
@@ -109,7 +72,7 @@ def config(tmp_path, *, batch=2, **changes) -> LabelsConfig:
         method="yolo_sam", device="cpu", half=False, workers=1,
         detector=DetectorConfig(weights=tmp_path / "weights/yolov8s.pt", conf=0.5, min_box_area=0.0, imgsz=64,
                                 batch=batch),
-        sam=SamConfig(model_type="vit_b", checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth"),
+        sam=SamConfig(model="vit_b", checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth"),
         refine=RefineConfig(min_area=0.03), import_dir=tmp_path / "import", mask_index="index.csv",
         truth_dir=None, cache_dir=tmp_path / "cache", keep_empty=True, qa_samples=4)
     return replace(cfg, **changes)
@@ -333,7 +296,8 @@ def test_missing_weights_stop_before_any_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["masks"]
     assert [p.name for p in (tmp_path / "out/masks").iterdir()] == ["previous.txt"]
     with pytest.raises(CharsegError, match="vit_b, vit_l, vit_h"):
-        stage_main(stage_args(tmp_path, write_params(tmp_path, **{"sam.model_type": "vit_xl"})))
+        stage_main(stage_args(tmp_path, write_params(tmp_path, **{"sam.model": "vit_xl", "detector.weights":
+                                                               str(tmp_path / "weights/yolov8s.pt")})))
 
 
 def make_truth(root: Path, ids, ones_for=(), scale=1) -> Path:
@@ -398,7 +362,7 @@ def test_import_by_frame_id_reports_every_mismatch_by_name(tmp_path, capsys):
 
 def test_repo_params_parse_and_the_stage_is_wired_into_dvc_yaml():
     cfg = load_config(REPO_ROOT / "params.yaml").labels
-    assert cfg.method == "yolo_sam" and cfg.sam.model_type == "vit_b" and cfg.detector.weights.parent.name == "weights"
+    assert cfg.method == "yolo_sam" and cfg.sam.model == "vit_b" and cfg.detector.weights.parent.name == "weights"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     dvc = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["masks"]
     for dep in dvc["deps"]:

@@ -111,7 +111,7 @@ def test_arch_specific_options_are_known_keys(tmp_path):
     ({"lr": "fast"}, "'lr' must be a number, got 'fast'"),
     ({"train": {"amp": "yes"}}, "'train.amp' must be true or false, got 'yes'"),
     ({"labels": {"method": "imports"}}, "'labels.method' is 'imports' (did you mean 'import'?): use one of "
-                                        "yolo_sam, import"),
+                                        "yolo_sam, yolo_seg, import"),
     ({"models": {"unetpp": {"arch": "unet"}}},
      "'models.unetpp.arch' is 'unet' (did you mean 'unetpp'?): use one of unetpp, pspnet, deeplabv3, dinov2_fpn"),
 ])

@@ -1,8 +1,10 @@
-"""YOLOv8 person boxes prompt SAM: the weak labels of the masks stage (labels.method yolo_sam).
+"""Person labels of the masks stage: YOLO person boxes prompt a SAM-family model (labels.method
+yolo_sam), or a YOLO segmentation model's own person masks (yolo_seg); `build_labeler` makes either.
 
-Speed: SAM's image encoder dominates (about 9 s per frame for vit_b on 2 CPU cores), so it runs once
-per frame, only on frames where YOLO found somebody, with all of the frame's boxes decoded in one
-call. YOLO runs on batches of frames. On a GPU both run there, in half precision when asked.
+Speed: the SAM image encoder dominates (about 9 s per frame for vit_b on 2 CPU cores, ~1.3 s for
+MobileSAM, less again in onnxruntime: labels.sam.runtime onnx), so it runs once per frame, only on
+frames where YOLO found somebody, with all of the frame's boxes decoded in one call. YOLO runs on
+batches of frames. On a GPU both run there, in half precision when asked.
 
 Nothing here reads params.yaml: callers pass typed config, and tests plant detections by handing
 `YoloSamLabeler` their own detector or segmenter. Labels are always made by what the caller asked
@@ -14,14 +16,16 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from charseg.config import DetectorConfig, SamConfig
-from charseg.device import select_device
+from charseg.config import LabelsConfig
+from charseg.device import ort_providers, select_device
+from charseg.errors import CharsegError
 from charseg.io import file_sha256
 from charseg.labels import weights
 from charseg.labels.weights import PERSON_CLASS
@@ -46,39 +50,65 @@ class Segmenter(Protocol):
 
 
 class PersonDetector:
-    """YOLO person boxes for a batch of BGR frames (any sizes) in one predict call."""
+    """YOLO person boxes for a batch of BGR frames (any sizes) in one predict call. The person class is
+    found by name in the model's classes (any COCO-trained YOLOv8/YOLO11/YOLO26 detection or segmentation
+    weights); `segment_persons` also returns a segmentation model's person masks."""
 
     def __init__(self, model: Any, *, conf: float, min_box_area: float, imgsz: int = 640,
-                 device: torch.device | str = "cpu", half: bool = False):
+                 device: torch.device | str = "cpu", half: bool = False, source: str = "labels.detector.weights"):
         self.model = model
         self.conf, self.min_box_area, self.imgsz = conf, min_box_area, imgsz
         self.device = torch.device(device)
         self.half = half and self.device.type == "cuda"
+        names = getattr(model, "names", None)
+        self.person_class = weights.person_class(names, source) if names else PERSON_CLASS
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        if not images:
-            return []
+    def _predict(self, images: Sequence[np.ndarray], **extra: Any) -> list[Any]:
         # Ultralytics' device selection sets torch's CPU threads to cpu_count - 1 for the whole process (1 on a
         # 2-core box), which then halves SAM's speed: give the rest of the stage its threads back.
         threads = torch.get_num_threads()
         try:
             # quantize=16 is ultralytics 8.4's name for half precision (`half` is deprecated there).
-            results = self.model.predict(list(images), conf=self.conf, classes=[PERSON_CLASS], imgsz=self.imgsz,
-                                         device=str(self.device), quantize=16 if self.half else None, verbose=False)
+            return self.model.predict(list(images), conf=self.conf, classes=[self.person_class], imgsz=self.imgsz,
+                                      device=str(self.device), quantize=16 if self.half else None, verbose=False,
+                                      **extra)
         finally:
             torch.set_num_threads(threads)
-        detections = []
-        for image, result in zip(images, results):
-            boxes = result.boxes
-            xyxy = boxes.xyxy.float().cpu().numpy().reshape(-1, 4)
-            scores = boxes.conf.float().cpu().numpy().reshape(-1)
-            classes = boxes.cls.cpu().numpy().reshape(-1)
-            area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
-            keep = (classes == PERSON_CLASS) & (scores >= self.conf) & \
-                (area >= self.min_box_area * image.shape[0] * image.shape[1])
-            order = np.argsort(-scores[keep], kind="stable")
-            detections.append(Detections(xyxy[keep][order].astype(np.float32), scores[keep][order].astype(np.float32)))
-        return detections
+
+    def _kept(self, image: np.ndarray, result: Any) -> tuple[np.ndarray, Detections]:
+        """Indices of the result's confident, big-enough persons, best first, and their Detections."""
+        boxes = result.boxes
+        xyxy = boxes.xyxy.float().cpu().numpy().reshape(-1, 4)
+        scores = boxes.conf.float().cpu().numpy().reshape(-1)
+        classes = boxes.cls.cpu().numpy().reshape(-1)
+        area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+        keep = np.flatnonzero((classes == self.person_class) & (scores >= self.conf) &
+                              (area >= self.min_box_area * image.shape[0] * image.shape[1]))
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        return keep, Detections(xyxy[keep].astype(np.float32), scores[keep].astype(np.float32))
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        if not images:
+            return []
+        return [self._kept(image, result)[1] for image, result in zip(images, self._predict(images))]
+
+    def segment_persons(self, images: Sequence[np.ndarray]) -> list[tuple[Detections, np.ndarray]]:
+        """Each frame's kept persons and their (n, H, W) bool instance masks at the frame's size."""
+        if not images:
+            return []
+        found = []
+        for image, result in zip(images, self._predict(images, retina_masks=True)):
+            keep, detections = self._kept(image, result)
+            shape = image.shape[:2]
+            if result.masks is None or not len(keep):
+                masks = np.zeros((0, *shape), dtype=bool)
+            else:
+                masks = result.masks.data[torch.as_tensor(keep)].float().cpu().numpy() > 0.5
+                if masks.shape[1:] != shape:  # retina masks are at the frame's size already; be sure
+                    masks = np.stack([cv2.resize(m.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST)
+                                      for m in masks]).astype(bool)
+            found.append((detections, masks))
+        return found
 
 
 class SamBoxSegmenter:
@@ -117,39 +147,46 @@ def union_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FrameLabel:
-    mask: np.ndarray        # (H, W) bool: union of the per-box SAM masks, before refinement
+    mask: np.ndarray        # (H, W) bool: union of the per-person masks, before refinement
     boxes: np.ndarray       # (n, 4) float32 xyxy
     box_scores: np.ndarray  # (n,) detector confidence
-    sam_scores: np.ndarray  # (n,) SAM's predicted IoU of each box's mask
+    sam_scores: np.ndarray  # (n,) SAM's predicted IoU of each box's mask; empty when no SAM ran (yolo_seg)
+
+
+class _Lazy:
+    """A value built on first use from a zero-argument factory, so that a run served entirely by the
+    label cache loads no weights."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make, self._value = make, None
+
+    def get(self) -> Any:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
 
 
 class YoloSamLabeler:
     """Person boxes from a detector prompt a segmenter; the per-box masks are united.
 
-    Detector and segmenter are built on first use (from the zero-argument factories), so a run served
-    entirely by the label cache loads no weights. `settings` names everything that changes the labels
-    (weights file hashes and params); its hash, `fingerprint`, keys the label cache.
+    Detector and segmenter are built on first use (from the zero-argument factories). `settings` names
+    everything that changes the labels (weights file hashes and params); its hash, `fingerprint`, keys
+    the label cache.
     """
 
     def __init__(self, make_detector: Callable[[], Detector], make_segmenter: Callable[[], Segmenter],
                  settings: Mapping[str, Any]):
-        self._make_detector, self._make_segmenter = make_detector, make_segmenter
-        self._detector: Detector | None = None
-        self._segmenter: Segmenter | None = None
+        self._detector, self._segmenter = _Lazy(make_detector), _Lazy(make_segmenter)
         self.settings = dict(settings)
         self.fingerprint = label_fingerprint(self.settings)
 
     @property
     def detector(self) -> Detector:
-        if self._detector is None:
-            self._detector = self._make_detector()
-        return self._detector
+        return self._detector.get()
 
     @property
     def segmenter(self) -> Segmenter:
-        if self._segmenter is None:
-            self._segmenter = self._make_segmenter()
-        return self._segmenter
+        return self._segmenter.get()
 
     def label(self, images: Sequence[np.ndarray]) -> Iterator[FrameLabel]:
         """One label per BGR frame, in order, each yielded as soon as it is done (so a caller can cache
@@ -165,22 +202,75 @@ class YoloSamLabeler:
             yield FrameLabel(mask, found.boxes, found.scores, np.asarray(sam_scores, dtype=np.float32))
 
 
-    @classmethod
-    def from_files(cls, detector: DetectorConfig, sam: SamConfig, *, device: str, half: bool) -> YoloSamLabeler:
-        """Resolve (and, when online and absent, download) both weights files now, load them on first use."""
-        torch_device = select_device(device, "params.yaml: labels.device")
-        yolo_path = weights.resolve_yolo_weights(detector.weights)
-        sam_path = weights.resolve_sam_checkpoint(sam.model_type, sam.checkpoint)
-        use_half = half and torch_device.type == "cuda"
-        settings = {"labeler": "yolo_sam", "yolo_weights": yolo_path.name, "yolo_sha256": file_sha256(yolo_path),
-                    "conf": detector.conf, "min_box_area": detector.min_box_area, "imgsz": detector.imgsz,
-                    "sam_model_type": sam.model_type, "sam_checkpoint": sam_path.name,
-                    "sam_sha256": file_sha256(sam_path), "half": use_half}
-        return cls(lambda: PersonDetector(weights.load_yolo(yolo_path), conf=detector.conf,
-                                          min_box_area=detector.min_box_area, imgsz=detector.imgsz,
-                                          device=torch_device, half=use_half),
-                   lambda: SamBoxSegmenter(weights.load_sam(sam.model_type, sam_path, torch_device), half=use_half),
-                   settings)
+class YoloSegLabeler:
+    """A YOLO segmentation model's person instance masks, united (labels.method yolo_seg): no SAM, one
+    predict call per batch, the fastest labeller. Same `settings`/`fingerprint` contract as YoloSamLabeler."""
+
+    def __init__(self, make_model: Callable[[], PersonDetector], settings: Mapping[str, Any]):
+        self._model = _Lazy(make_model)
+        self.settings = dict(settings)
+        self.fingerprint = label_fingerprint(self.settings)
+
+    def label(self, images: Sequence[np.ndarray]) -> Iterator[FrameLabel]:
+        for image, (found, masks) in zip(images, self._model.get().segment_persons(images)):
+            yield FrameLabel(union_masks(masks, image.shape[:2]), found.boxes, found.scores, np.zeros(0, np.float32))
+
+
+def build_labeler(cfg: LabelsConfig, *, device: str | None = None) -> YoloSamLabeler | YoloSegLabeler:
+    """The labeler labels.method asks for, for the masks stage and its workers alike: weights files are
+    resolved (and, online and absent, downloaded) now, so absent ones stop the run before any work; models
+    load on first use. `device` overrides cfg.device (a worker pinned to cuda:N)."""
+    if cfg.method not in ("yolo_sam", "yolo_seg"):
+        raise CharsegError(f"labels.method {cfg.method!r} makes no labels with models: use yolo_sam or yolo_seg")
+    setting = "params.yaml: labels.device"
+    torch_device = select_device(device or cfg.device, setting)
+    half = cfg.half and torch_device.type == "cuda"
+    det = cfg.detector
+    yolo_path = weights.resolve_yolo_weights(det.weights)
+    segmentation = cfg.method == "yolo_seg"
+
+    def make_detector() -> PersonDetector:
+        return PersonDetector(weights.load_yolo(yolo_path, segmentation=segmentation), conf=det.conf,
+                              min_box_area=det.min_box_area, imgsz=det.imgsz, device=torch_device, half=half,
+                              source=str(yolo_path))
+
+    settings: dict[str, Any] = {"labeler": cfg.method, "yolo_weights": yolo_path.name,
+                                "yolo_sha256": file_sha256(yolo_path), "conf": det.conf,
+                                "min_box_area": det.min_box_area, "imgsz": det.imgsz}
+    if segmentation:
+        return YoloSegLabeler(make_detector, {**settings, "half": half})
+
+    backend = weights.sam_backend(cfg.sam.model)
+    if cfg.sam.runtime == "onnx" and weights.is_sam2(backend):
+        raise CharsegError(f"params.yaml: labels.sam.runtime onnx runs single-tensor image encoders (vit_*, "
+                           f"MobileSAM, SAM), not {backend}'s multi-scale one: use runtime torch for SAM 2")
+    sam_path = weights.resolve_sam_weights(cfg.sam.model, cfg.sam.checkpoint)
+    sam_sha256 = file_sha256(sam_path)
+    # The runtime is named only when it is not torch, so label caches from before runtimes existed serve on.
+    runtime = {"sam_runtime": cfg.sam.runtime} if cfg.sam.runtime != "torch" else {}
+    settings = {**settings, "sam_model_type": backend, "sam_checkpoint": sam_path.name, "sam_sha256": sam_sha256,
+                **runtime, "half": half}
+    encoder_onnx = cfg.cache_dir / "encoders" / f"{sam_sha256}-{backend}.onnx" if runtime else None
+    providers = ort_providers(str(torch_device), setting)
+    return YoloSamLabeler(make_detector,
+                          lambda: make_segmenter(backend, sam_path, torch_device, half, encoder_onnx, providers),
+                          settings)
+
+
+def make_segmenter(backend: str, path: Path, device: torch.device, half: bool, encoder_onnx: Path | None,
+                   providers: list[Any] | None) -> Segmenter:
+    """The box-prompted segmenter of a SAM backend, its image encoder on onnxruntime when `encoder_onnx`
+    (the cached export's path) is given."""
+    from charseg.labels.encoder_onnx import onnx_image_encoder
+    from charseg.labels.sam_family import UltralyticsSamSegmenter
+
+    sam = weights.load_sam(backend, path) if backend in weights.SAM_RELEASES \
+        else weights.load_ultralytics_sam(path, backend)
+    if encoder_onnx is not None:
+        sam.image_encoder = onnx_image_encoder(sam.image_encoder, encoder_onnx, providers)
+    if backend in weights.SAM_RELEASES:
+        return SamBoxSegmenter(sam.to(device), half=half)
+    return UltralyticsSamSegmenter(sam, backend, device=device, half=half)
 
 
 def label_fingerprint(settings: Mapping[str, Any]) -> str:
