@@ -247,6 +247,21 @@ def test_weights_present_label_every_frame_and_train_on_cached_pretrained_encode
     assert [r["id"] for r in rows] == [r["id"] for r in frames]
     assert all(r["status"] in {"labelled", "empty"} for r in rows)
 
+    # A lighter SAM-family backend is one param away: it relabels every frame (its own cache key), and going
+    # back to vit_b takes every label from the label cache.
+    from ultralytics.models.sam.build import build_mobile_sam
+
+    torch.save(build_mobile_sam().state_dict(), repo / "weights/mobile_sam.pt")
+    run = dvc(repo, "exp", "run", "-S", "labels.sam.model=mobile_sam.pt", "masks", env=env)
+    assert "masks" in stages_run(run.stdout)
+    assert f"masks: {len(frames)} frames labelled now, 0 from the label cache" in run.stdout
+    source = json.loads((repo / "data/masks/report.json").read_text())["source"]
+    assert source["sam_model_type"] == "mobile_sam.pt"
+    assert source["sam_sha256"] == hashlib.sha256((repo / "weights/mobile_sam.pt").read_bytes()).hexdigest()
+    run = dvc(repo, "exp", "run", "-S", "labels.sam.model=vit_b", "masks", env=env)
+    assert f"masks: 0 frames labelled now, {len(frames)} from the label cache" in run.stdout
+    assert json.loads((repo / "data/masks/report.json").read_text())["source"]["sam_model_type"] == "vit_b"
+
     # The real encoder defaults (imagenet, lvd142m), offline, from the cache; own masks so there is a person.
     hub = tmp / "hf" / "hub"
     planted = lay_out_hf_cache(hub)
