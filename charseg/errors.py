@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -66,5 +67,8 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        # A second Ctrl-C from here on would escape as an uncaught KeyboardInterrupt (exit -2, a traceback)
+        # while the message is written or the interpreter shuts down; the stage is already unwound.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted: no partial output was kept", file=sys.stderr)
         sys.exit(130)
