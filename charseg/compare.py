@@ -1,4 +1,6 @@
-"""Compare experiments: each model's validation Dice (training) and evaluate's Dice and boundary F1.
+"""Compare experiments: each model's validation Dice (training) and evaluate's Dice and boundary F1; in the
+characters task (params.yaml `task: characters` in the workspace) its validation mIoU, evaluate's mIoU and its
+person Dice (all characters merged: the figure a person-task model's Dice lines up with).
 
     charseg compare            # the workspace, HEAD and HEAD's experiments (as `dvc exp show`)
     charseg compare -A         # every commit; any other `dvc exp show` option passes through
@@ -25,6 +27,11 @@ FIGURES = (("val", "dvclive/{model}/metrics.json", "best_val_dice"),
            ("bF1", "metrics/evaluate/{model}.json", "boundary_f1"))
 LEGEND = ("val: best validation Dice during training (dvclive); dice, bF1: evaluate's Dice and boundary F1 "
           "on the same validation frames")
+CHARACTER_FIGURES = (("val", "dvclive/{model}/metrics.json", "best_val_miou"),
+                     ("mIoU", "metrics/evaluate/{model}.json", "miou"),
+                     ("pDice", "metrics/evaluate/{model}.json", "person_dice"))
+CHARACTER_LEGEND = ("val: best validation mIoU over the characters during training (dvclive); mIoU: evaluate's; "
+                    "pDice: evaluate's person Dice, every character merged (a person-task model's Dice)")
 
 
 def _params(rev: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +66,8 @@ def _fmt(value: float | None) -> str:
 
 def render(exp_show: list[dict[str, Any]]) -> str:
     table = list(rows(exp_show))
+    characters = bool(table) and _params(table[0][1]).get("task") == "characters"  # the workspace's task
+    figures, legend = (CHARACTER_FIGURES, CHARACTER_LEGEND) if characters else (FIGURES, LEGEND)
     models: list[str] = []
     for _, rev, _ in table:
         for key in _params(rev):
@@ -68,7 +77,7 @@ def render(exp_show: list[dict[str, Any]]) -> str:
         raise CharsegError("dvc exp show found no models: in params.yaml")
     label_width = max(len("experiment"), *(len(label) for label, _, _ in table))
     cell = len(_fmt(0.0))
-    group = " ".join(f"{h:<{cell}}" for h, _, _ in FIGURES)
+    group = " ".join(f"{h:<{cell}}" for h, _, _ in figures)
     width = max(len(group), *(len(m) for m in models))
     lines = [" " * label_width + "  " + "  ".join(f"{m:<{width}}" for m in models),
              f"{'experiment':<{label_width}}  " + "  ".join(group for _ in models)]
@@ -78,7 +87,7 @@ def render(exp_show: list[dict[str, Any]]) -> str:
         if rev.get("error"):
             lines.append(f"{label:<{label_width}}  (failed or unreadable: {rev['error'].get('msg', rev['error'])})")
             continue
-        cells = ["  ".join(" ".join(f"{_fmt(_metric(rev, f.format(model=m), k)):<{cell}}" for _, f, k in FIGURES)
+        cells = ["  ".join(" ".join(f"{_fmt(_metric(rev, f.format(model=m), k)):<{cell}}" for _, f, k in figures)
                            .ljust(width) for m in models)]
         lines.append(f"{label:<{label_width}}  " + cells[0])
         if base is not None:
@@ -90,7 +99,7 @@ def render(exp_show: list[dict[str, Any]]) -> str:
                                              initial_indent="  ", subsequent_indent="      "))
     if changes:
         lines += ["", "params changed against the baseline commit:", *changes]
-    return "\n".join(lines + ["", LEGEND])
+    return "\n".join(lines + ["", legend])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,6 +140,7 @@ MODEL_KEYS: dict[str, Any] = {
     "encoder_weights": Text(nullable=True),    # null: from scratch
     "encoder_lr_mult": Num(lo=0),              # 0 freezes the encoder
 }
+TASKS = ("person", "characters")  # what the models segment: see README 'Which character is where'
 # A model name becomes the DVC stage train@<name>, the param path models.<name> and models/<name>/:
 # DVC refuses punctuation other than _ and - in stage names, and a '.' would split the param path.
 MODEL_NAME = re.compile(r"[^\W_][\w-]*|_[\w-]+")
@@ -181,12 +182,20 @@ SCHEMA: dict[str, Any] = {
             "max_hole_area": Num(lo=0, hi=1),
         },
         "import_dir": Text(),
+        "import_identity": Flag(),
         "mask_index": Text(nullable=True),
         "truth_dir": Text(nullable=True),
         "cache_dir": Text(),
         "keep_empty": Flag(),
         "qa_samples": Num(lo=0, integer=True),
     },
+    "identity": {
+        "min_similarity": Num(lo=-1, hi=1),
+        "margin": Num(lo=0, hi=2),
+        "duplicate_similarity": Num(lo=-1, hi=1),
+        "qa_crops": Num(lo=0, integer=True),
+    },
+    "task": Text(choices=TASKS),
     "split": {
         "val_fraction": Num(lo=0, hi=1, lo_open=True, hi_open=True),
         "seed": Num(lo=0, integer=True),
@@ -391,6 +400,16 @@ class LabelsConfig:
     cache_dir: Path
     keep_empty: bool
     qa_samples: int
+    import_identity: bool = False  # method import: take per-character masks (the index's character_mask column)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Weak identity (the identity stage): each person instance to a character of the folder names, or other."""
+    min_similarity: float        # below this cosine similarity to every prototype, an instance is `other`
+    margin: float                # ... and when the best prototype beats the runner-up by less than this
+    duplicate_similarity: float  # two characters' prototypes this similar: warned as maybe the same person
+    qa_crops: int                # crops per character in plots/identity/contact_<character>.png
 
 
 @dataclass(frozen=True)
@@ -498,6 +517,15 @@ class Params:
     @functools.cached_property
     def labels(self) -> LabelsConfig:
         return self._section(LabelsConfig, "labels")
+
+    @functools.cached_property
+    def identity(self) -> IdentityConfig:
+        return self._section(IdentityConfig, "identity")
+
+    @property
+    def task(self) -> str:
+        """person (one binary person mask) or characters (background, each character, other)."""
+        return str(self.value("task"))
 
     @functools.cached_property
     def split(self) -> SplitConfig:

@@ -1,12 +1,15 @@
-"""Training pairs: a frame and its mask, paired by id, decoded once into a pre-resized cache.
+"""Training pairs: a frame and its target, paired by id, decoded once into a pre-resized cache.
+
+The target is the masks stage's 0/255 person mask (person task: 0/1 in the cache) or the identity stage's
+class-id map (characters task: the ids as they are); both stage folders name a frame's file `.file(id)`.
 
 Why an on-disk cache (`<cache_dir>/pairs-<img_size>/<content hash>.npy`) and not arrays preloaded in
 RAM: the four `train@<model>` stages run one after another, and `dvc exp run -S lr=...` reruns them;
 a RAM preload would decode every full-size JPEG+PNG again in each of those processes, while the disk
 cache decodes a pair once per img_size, ever. Loading one small .npy (from the OS page cache once
 warm) costs far less than decoding and resizing a full frame, and DataLoader workers and DDP ranks
-share it without copying. The key hashes the frame and mask *bytes* (plus img_size and the cache
-format), so a relabelled mask or re-extracted frame can never be served stale, whatever DVC does to
+share it without copying. The key hashes the frame and mask *bytes* (plus img_size, the cache
+format and, for class ids, the kind of target), so a relabelled mask or re-extracted frame can never be served stale, whatever DVC does to
 file times. The cache lives outside every DVC output (DVC would delete it before each rerun);
 deleting `.cache/` is always safe.
 """
@@ -18,7 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Sequence, TypeVar, Union
 
 import cv2
 import numpy as np
@@ -29,10 +32,16 @@ from tqdm import tqdm
 from charseg.config import AugmentConfig
 from charseg.errors import CharsegError, require
 from charseg.io import imread, read_json, write_bytes_atomic
-from charseg.layout import FramesDir, MasksDir
+from charseg.layout import FramesDir, IdentityDir, MasksDir
 
 # Bump when resize_pair or the cached layout changes: old cache files then simply stop matching.
 CACHE_FORMAT = 1
+Labels = Union[MasksDir, IdentityDir]  # a stage folder of per-frame targets: 0/255 masks or class-id maps
+
+
+def _producer(labels: Labels) -> str:
+    """The stage whose rerun rewrites `labels`' files, for error messages."""
+    return "identity" if isinstance(labels, IdentityDir) else "masks"
 
 
 def read_split(path: str | Path) -> tuple[list[str], list[str]]:
@@ -54,16 +63,24 @@ def read_split(path: str | Path) -> tuple[list[str], list[str]]:
     return sides["train"], sides["val"]
 
 
-def read_pair(frames: FramesDir, masks: MasksDir, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """A full-size frame as RGB uint8 (H, W, 3) and its mask as bool (H, W)."""
-    mask_file = masks.mask(frame_id)
+def read_pair(frames: FramesDir, labels: Labels, frame_id: str, *,
+              class_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A full-size frame as RGB uint8 (H, W, 3) and its target (H, W): a 0/255 mask of `labels` as bool, or
+    with class_ids a class-id map as uint8 ids."""
+    mask_file, stage = labels.file(frame_id), _producer(labels)
     if not mask_file.is_file():
-        raise CharsegError(f"frame '{frame_id}' has no mask {mask_file}: re-run the masks stage (dvc repro masks)")
+        raise CharsegError(f"frame '{frame_id}' has no {'class map' if class_ids else 'mask'} {mask_file}: "
+                           f"re-run the {stage} stage (dvc repro {stage})")
     image = cv2.cvtColor(imread(frames.image(frame_id), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    mask = imread(mask_file, cv2.IMREAD_GRAYSCALE)
+    mask = imread(mask_file, cv2.IMREAD_UNCHANGED if class_ids else cv2.IMREAD_GRAYSCALE)
     require(mask.shape == image.shape[:2],
-            f"{mask_file} is {mask.shape[1]}x{mask.shape[0]} but its frame is {image.shape[1]}x{image.shape[0]}: "
-            f"re-run the masks stage (dvc repro masks)")
+            f"{mask_file} is {'x'.join(map(str, mask.shape[1::-1]))} but its frame is {image.shape[1]}x{image.shape[0]}"
+            f"{'' if mask.ndim == 2 else ' (a class map must be one uint8 channel)'}: re-run the {stage} stage "
+            f"(dvc repro {stage})")
+    if class_ids:
+        require(mask.dtype == np.uint8, f"{mask_file} is {mask.dtype}, not uint8 class ids: re-run the {stage} "
+                                        f"stage (dvc repro {stage})")
+        return image, mask
     return image, mask > 127
 
 
@@ -76,44 +93,59 @@ def resize_image(image: np.ndarray, img_size: int) -> np.ndarray:
     return cv2.resize(image, (img_size, img_size), interpolation=_interpolation(image.shape, img_size))
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, img_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Square img_size x img_size copies: uint8 RGB and a uint8 0/1 mask.
+def resize_pair(image: np.ndarray, mask: np.ndarray, img_size: int, *,
+                class_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Square img_size x img_size copies: uint8 RGB and a uint8 0/1 mask (or, with class_ids, uint8 class ids).
 
     The mask is resampled as coverage and thresholded at one half, so thin limbs keep their true width
-    instead of nearest-neighbour jaggies.
+    instead of nearest-neighbour jaggies. Class ids are resampled the same way, as one coverage per class
+    present, and each pixel takes the class that covers most of it: never an id that was not there, and
+    never a blend of two ids (ties go to the lower id).
     """
-    size = (img_size, img_size)
-    small_mask = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=_interpolation(image.shape, img_size)) >= 128
-    return resize_image(image, img_size), small_mask.astype(np.uint8)
+    size, interpolation = (img_size, img_size), _interpolation(image.shape, img_size)
+    if not class_ids:
+        small_mask = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=interpolation) >= 128
+        return resize_image(image, img_size), small_mask.astype(np.uint8)
+    present = np.unique(mask)
+    coverage = np.stack([cv2.resize((mask == c).astype(np.float32), size, interpolation=interpolation)
+                         for c in present])
+    return resize_image(image, img_size), present[coverage.argmax(axis=0)].astype(np.uint8)
 
 
-def _pair_key(image_bytes: bytes, mask_bytes: bytes, img_size: int) -> str:
+def _pair_key(image_bytes: bytes, mask_bytes: bytes, img_size: int, class_ids: bool = False) -> str:
     digest = hashlib.blake2b(digest_size=20)
-    for part in (f"charseg-pair-v{CACHE_FORMAT}-{img_size}".encode(), image_bytes, mask_bytes):
+    # The person task's key is unchanged since before class ids existed, so its cache stays valid.
+    kind = "classes" if class_ids else "pair"
+    for part in (f"charseg-{kind}-v{CACHE_FORMAT}-{img_size}".encode(), image_bytes, mask_bytes):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
 
 
-def cache_pairs(ids: Sequence[str], frames: FramesDir, masks: MasksDir, img_size: int,
-                cache_dir: str | Path, workers: int = 0, progress: bool = True) -> list[Path]:
-    """The cache file of each id (H, W, 4 uint8: RGB + 0/1 mask), decoding only pairs not cached yet.
+def cache_pairs(ids: Sequence[str], frames: FramesDir, labels: Labels, img_size: int,
+                cache_dir: str | Path, workers: int = 0, progress: bool = True, *,
+                class_ids: bool = False) -> list[Path]:
+    """The cache file of each id (H, W, 4 uint8: RGB + 0/1 mask, or with class_ids RGB + class id), decoding
+    only pairs not cached yet.
 
-    Frames and masks are paired by id; a missing file of either kind is an error naming one of the ids.
+    Frames and targets (`labels`: the masks or identity stage folder) are paired by id; a missing file of
+    either kind is an error naming one of the ids.
     workers: decoding threads (OpenCV and hashing release the GIL); 0 = one per CPU core.
     """
-    missing = [i for i in ids if not (frames.image(i).is_file() and masks.mask(i).is_file())]
+    missing = [i for i in ids if not (frames.image(i).is_file() and labels.file(i).is_file())]
     if missing:
-        raise CharsegError(f"{len(missing)} of {len(ids)} frame id(s) lack a frame in {frames.images} or a mask in "
-                           f"{masks.images} (e.g. '{missing[0]}'): re-run the stages that write them (dvc repro)")
+        raise CharsegError(f"{len(missing)} of {len(ids)} frame id(s) lack a frame in {frames.images} or a "
+                           f"{'class map' if class_ids else 'mask'} in {labels.images} (e.g. '{missing[0]}'): "
+                           f"re-run the stages that write them (dvc repro)")
     out_dir = Path(cache_dir) / f"pairs-{img_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def cache_one(frame_id: str) -> Path:
-        key = _pair_key(frames.image(frame_id).read_bytes(), masks.mask(frame_id).read_bytes(), img_size)
+        key = _pair_key(frames.image(frame_id).read_bytes(), labels.file(frame_id).read_bytes(), img_size, class_ids)
         path = out_dir / f"{key}.npy"
         if not path.is_file():
-            image, mask = resize_pair(*read_pair(frames, masks, frame_id), img_size)
+            image, mask = resize_pair(*read_pair(frames, labels, frame_id, class_ids=class_ids), img_size,
+                                      class_ids=class_ids)
             buffer = io.BytesIO()
             np.save(buffer, np.dstack([image, mask]))
             write_bytes_atomic(path, buffer.getvalue())
@@ -125,8 +157,22 @@ def cache_pairs(ids: Sequence[str], frames: FramesDir, masks: MasksDir, img_size
 
 
 def has_foreground(cached: Sequence[Path]) -> bool:
-    """Whether any cached mask has a foreground pixel (stops at the first one found)."""
+    """Whether any cached target has a foreground pixel: a person, or any class but background (id 0)
+    (stops at the first one found)."""
     return any(np.load(path, mmap_mode="r")[..., 3].any() for path in cached)
+
+
+def class_pixels(cached: Sequence[Path], n_classes: int) -> np.ndarray:
+    """(n_classes,) int64 pixel count of each class id over the cached targets; a CharsegError names the
+    first file holding an id >= n_classes."""
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for path in cached:
+        found = np.bincount(np.load(path, mmap_mode="r")[..., 3].ravel(), minlength=n_classes)
+        require(len(found) == n_classes, f"a class map holds class id {len(found) - 1} but the task has only "
+                                         f"{n_classes} classes (cached as {path}): the identity stage's images and "
+                                         f"classes.json disagree; re-run it (dvc repro identity)")
+        counts += found
+    return counts
 
 
 @dataclass(frozen=True)
@@ -170,7 +216,8 @@ class Augment:
 
 
 class PairDataset(Dataset):
-    """Cached pairs as (uint8 image 3xSxS, uint8 0/1 mask 1xSxS); normalise on the device with `normalize`.
+    """Cached pairs as (uint8 image 3xSxS, uint8 0/1 mask 1xSxS or class ids 1xSxS); normalise on the device
+    with `normalize`.
 
     Augmentation randomness is a pure function of (seed, epoch, index): the same whatever the number
     of DataLoader workers or DDP ranks, and a resumed run sees exactly what an uninterrupted one would.

@@ -11,10 +11,20 @@ The validation masks are the pipeline's own labels (weak labels, unless imported
 `labels.truth_dir` set (the sample: data/raw/truth), every model is also scored against those exact
 masks, found like imported masks (charseg.labels.imported.mask_files, through `labels.mask_index`).
 
-Writes metrics/evaluate/<name>.json (numbers only: dvc metrics show/diff), reports/comparison.md and
-.csv (ranked by Dice), and plots/evaluate/: metrics.png (a bar chart per metric), dice_per_character.png,
+Writes metrics/evaluate/<name>.json (numbers only: dvc metrics show/diff; `person_dice` is the Dice in
+both tasks, so a person model and a characters model line up), reports/comparison.md and .csv (ranked by
+Dice), and plots/evaluate/: metrics.png (a bar chart per metric), dice_per_character.png (per folder),
 and qualitative.png, a grid of the same validation frames across all models (green: true positive, red:
 false positive, blue: false negative). Figures are saved one way, `_save` (an atomic png write).
+
+The characters task (`task: characters`): every model must be a characters checkpoint of the identity stage's
+classes (data/identity/classes.json), scored against its class maps (data/identity/images): mIoU over the
+named characters (the ranking), IoU, Dice and boundary F1 per character, IoU of `other`, and person Dice (all
+person classes merged, against the merged target). A class in neither prediction nor target has no score: it
+is left out of the means and the JSON, and shown as '-'. Exact truth is per-character truth here (a
+characters.json and the index's character_mask column in labels.truth_dir; names the classes lack count as
+`other`). Plots: metrics.png, iou_per_character.png, confusion_<name>.png (each true class's pixels spread
+over the predicted classes) and qualitative.png (one colour per class, task.palette, with a legend).
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import cv2
 import numpy as np
@@ -36,11 +46,13 @@ from charseg import metrics
 from charseg.config import EvaluateConfig, ModelConfig
 from charseg.data import read_pair, read_split
 from charseg.device import select_device
-from charseg.errors import CharsegError, require
-from charseg.inference import TorchSegmenter, predict_proba
+from charseg.errors import CharsegError, require, warn
+from charseg.inference import TorchSegmenter, class_ids, predict_proba, to_frame_size
 from charseg.io import atomic_dir, read_manifest, write_bytes_atomic, write_csv, write_json, write_text_atomic
-from charseg.labels.imported import mask_files, read_binary_mask
-from charseg.layout import FramesDir, MasksDir, checkpoint_in
+from charseg.labels.imported import (CHARACTERS_FILE, mask_files, read_binary_mask, read_character_map,
+                                     read_character_values)
+from charseg.layout import FramesDir, IdentityDir, MasksDir, checkpoint_in
+from charseg.task import CHARACTERS, PERSON, Task, palette, person_task, read_classes
 
 TRUTH_KEY = "labels.truth_dir"
 GRID_THUMB_HEIGHT = 180
@@ -51,6 +63,10 @@ COLUMNS = [("dice", "Dice", ".4f"), ("iou", "IoU", ".4f"), ("dice_per_image", "D
            ("boundary_f1", "Boundary F1", ".4f"), ("parameters_m", "Params (M)", ".2f"),
            ("latency_ms", "Latency (ms)", ".1f")]
 TRUTH_COLUMNS = COLUMNS[:7]
+CHARACTER_COLUMNS = [("miou", "mIoU", ".4f"), ("person_dice", "Person Dice", ".4f"), ("other_iou", "Other IoU", ".4f"),
+                     ("boundary_f1", "Boundary F1", ".4f"), ("pixel_accuracy", "Pixel acc.", ".4f"),
+                     ("parameters_m", "Params (M)", ".2f"), ("latency_ms", "Latency (ms)", ".1f")]
+CHARACTER_TRUTH_COLUMNS = CHARACTER_COLUMNS[:5]
 
 
 @dataclass(frozen=True)
@@ -72,11 +88,12 @@ def read_val_frames(split: Path, manifest: Path) -> list[Frame]:
     return [Frame(i, rows[i]["character"], rows[i]["video"], int(rows[i]["frame_index"])) for i in val_ids]
 
 
-def truth_files(truth_dir: Path, mask_index: str | None, frames: list[Frame]) -> dict[str, Path]:
+def truth_files(truth_dir: Path, mask_index: str | None, frames: list[Frame], column: str = "mask") -> dict[str, Path]:
     """The exact mask of every validation frame in truth_dir (through its index CSV `mask_index` when there is
-    one, else <frame id>.png); a frame without one, or a mask file that is not there, is an error naming it."""
+    one, else <frame id>.png; column "character_mask": the per-character masks the index lists); a frame without
+    one, or a mask file that is not there, is an error naming it."""
     rows = [{"id": f.id, "video": f.video, "frame_index": str(f.frame_index)} for f in frames]
-    found = mask_files(truth_dir, mask_index, rows, key=TRUTH_KEY)
+    found = mask_files(truth_dir, mask_index, rows, key=TRUTH_KEY, column=column)
     unlisted = [f for f in frames if f.id not in found]
     if unlisted:
         index = truth_dir / mask_index if mask_index else None
@@ -114,8 +131,52 @@ class Scores:
                 "dice_per_image": float(np.mean(self.dice_per_image)),
                 "iou_per_image": float(np.mean(self.iou_per_image)),
                 "precision": metrics.precision(self.counts), "recall": metrics.recall(self.counts),
-                "boundary_f1": float(np.mean(self.boundary_f1)),
+                "boundary_f1": float(np.mean(self.boundary_f1)), "person_dice": metrics.dice(self.counts),
                 "dice_per_character": {c: metrics.dice(n) for c, n in sorted(self.per_character.items())}}
+
+
+def _scored(value: dict[str, Any]) -> dict[str, Any]:
+    """`value` without its NaN entries (classes with no score), at every depth: the metrics JSON holds numbers."""
+    return {k: _scored(v) if isinstance(v, dict) else v for k, v in value.items()
+            if isinstance(v, dict) or not np.isnan(v)}
+
+
+@dataclass
+class ClassScores:
+    """What one characters-task model scored against one set of class maps, accumulated frame by frame."""
+    task: Task
+    tolerance_px: float
+    matrix: np.ndarray = field(init=False)  # metrics.class_confusion summed over the frames
+    person: metrics.Counts = field(default_factory=metrics.Counts.zero)  # all person classes merged
+    # Per character id: boundary F1 of each frame where the character is predicted or true (else it says nothing).
+    boundary_f1: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def __post_init__(self) -> None:
+        self.matrix = np.zeros((len(self.task.classes),) * 2, np.int64)
+
+    def add(self, pred: np.ndarray, target: np.ndarray, character: str = "") -> None:
+        """One frame's class ids (`character`, its folder, plays no part: the classes say who is where)."""
+        self.matrix += metrics.class_confusion(pred, target, len(self.task.classes))
+        self.person += metrics.confusion(pred > 0, target > 0)
+        for k in self.task.character_ids:
+            predicted, true = pred == k, target == k
+            if predicted.any() or true.any():
+                self.boundary_f1[k].append(metrics.boundary_f1(predicted, true, self.tolerance_px))
+
+    def summary(self) -> dict[str, Any]:
+        """The scores, NaN where a class has none (_scored drops them before they are written)."""
+        iou, dice = metrics.per_class_iou(self.matrix), metrics.per_class_dice(self.matrix)
+        boundary = {k: float(np.mean(self.boundary_f1[k])) if self.boundary_f1[k] else np.nan
+                    for k in self.task.character_ids}
+        named = [v for v in boundary.values() if not np.isnan(v)]
+        names = dict(zip(self.task.character_ids, self.task.characters))
+        return {"miou": metrics.mean_iou(self.matrix, self.task.character_ids),
+                "person_dice": metrics.dice(self.person), "person_iou": metrics.iou(self.person),
+                "other_iou": float(iou[-1]), "boundary_f1": float(np.mean(named)) if named else np.nan,
+                "pixel_accuracy": float(np.trace(self.matrix) / max(1, self.matrix.sum())),
+                "iou_per_character": {names[k]: float(iou[k]) for k in names},
+                "dice_per_character": {names[k]: float(dice[k]) for k in names},
+                "boundary_f1_per_character": {names[k]: boundary[k] for k in names}}
 
 
 def grid_ids(frames: list[Frame], n: int) -> list[str]:
@@ -148,6 +209,14 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarr
     return out.astype(np.uint8)
 
 
+def tint(image: np.ndarray, ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """The RGB image with every pixel of a class > 0 blended with that class's RGB colour (task.palette)."""
+    out = image.astype(np.float32)
+    people = ids > 0
+    out[people] = 0.45 * out[people] + 0.55 * colours[ids[people]].astype(np.float32)
+    return out.astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class Truth:
     """The exact masks to score against besides the pipeline's labels: labels.truth_dir and labels.mask_index."""
@@ -155,63 +224,152 @@ class Truth:
     mask_index: str | None = None
 
 
+@dataclass(frozen=True)
+class CharacterTruth:
+    """Exact per-character masks: each validation frame's file, its values' names (characters.json) and the
+    class id of each value (by name; a name the classes lack is `other`)."""
+    files: dict[str, Path]
+    values: dict[int, str]
+    class_of_value: np.ndarray
+
+    def read(self, frame_id: str) -> np.ndarray:
+        """The frame's exact class ids (uint8)."""
+        return self.class_of_value[read_character_map(self.files[frame_id], None, self.values)]
+
+
+def character_truth(truth: Truth, frames: list[Frame], task: Task) -> CharacterTruth | None:
+    """The per-character truth of labels.truth_dir (None, with a warning, when it has no characters.json)."""
+    if not (truth.folder / CHARACTERS_FILE).is_file():
+        warn(f"{TRUTH_KEY}: {truth.folder} has no {CHARACTERS_FILE}, so no per-character truth: the models are "
+             f"scored against the identity stage's class maps only")
+        return None
+    values = read_character_values(truth.folder, key=TRUTH_KEY)
+    class_of_value = np.full(max(values) + 1, len(task.classes) - 1, np.uint8)  # other, unless named below
+    class_of_value[0] = 0
+    for value, name in values.items():
+        if name in task.classes:
+            class_of_value[value] = task.classes.index(name)
+    files = truth_files(truth.folder, truth.mask_index, frames, column="character_mask")
+    return CharacterTruth(files, values, class_of_value)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """One task's side of scoring: a frame and its target, the exact truth, and probabilities -> prediction."""
+    task: Task
+    read: Callable[[str], tuple[np.ndarray, np.ndarray]]   # frame id -> (RGB frame, target)
+    read_truth: Callable[[str], np.ndarray] | None         # frame id -> exact target; None: no exact truth
+
+    def predict(self, probs: np.ndarray, threshold: float) -> np.ndarray:
+        """A frame's prediction as its targets are: person a bool mask, characters uint8 class ids."""
+        ids = class_ids(self.task, probs, threshold)
+        return ids.view(bool) if self.task.name == PERSON else ids
+
+    def thumbnail(self, target: np.ndarray) -> np.ndarray:
+        if self.task.name == PERSON:
+            return thumbnail(target.astype(np.uint8)) > 0
+        return thumbnail(target, cv2.INTER_NEAREST)  # class ids must not blend
+
+    def scores(self, cfg: EvaluateConfig) -> Scores | ClassScores:
+        if self.task.name == PERSON:
+            return Scores(cfg.boundary_tolerance_px)
+        return ClassScores(self.task, cfg.boundary_tolerance_px)
+
+
+def person_targets(frames: FramesDir, masks: MasksDir, truth: dict[str, Path]) -> Targets:
+    return Targets(person_task(), lambda frame_id: read_pair(frames, masks, frame_id),
+                   (lambda frame_id: read_binary_mask(truth[frame_id], None, key=TRUTH_KEY) > 0) if truth else None)
+
+
+def character_targets(task: Task, frames: FramesDir, identity: IdentityDir, truth: CharacterTruth | None) -> Targets:
+    def read(frame_id: str) -> tuple[np.ndarray, np.ndarray]:
+        image, target = read_pair(frames, identity, frame_id, class_ids=True)
+        require(int(target.max()) < len(task.classes),
+                f"{identity.class_map(frame_id)} holds class id {int(target.max())} but {identity.classes} lists "
+                f"{len(task.classes)} classes: re-run the identity stage (dvc repro identity)")
+        return image, target
+    return Targets(task, read, truth.read if truth else None)
+
+
 @dataclass
 class Run:
     """What scoring the validation frames gathered: scores per model, latency, and the qualitative grid."""
-    scores: dict[str, Scores]
-    truth_scores: dict[str, Scores]
+    scores: dict[str, Scores | ClassScores]
+    truth_scores: dict[str, Scores | ClassScores]
     latency_ms: dict[str, list[float]]
     grid: list[dict[str, Any]] = field(default_factory=list)
 
 
 def evaluate(models: Mapping[str, ModelConfig], cfg: EvaluateConfig, *, split: Path, frames: FramesDir,
              masks: MasksDir, models_dir: Path, metrics_dir: Path, reports_dir: Path, plots_dir: Path,
-             truth: Truth | None = None, device: str = "auto", progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Score every model on the validation frames, write all outputs; returns {model name: its metrics}."""
+             truth: Truth | None = None, device: str = "auto", progress: bool = True, task: str = PERSON,
+             identity: IdentityDir | None = None) -> dict[str, dict[str, Any]]:
+    """Score every model on the validation frames, write all outputs; returns {model name: its metrics}.
+    task: params.yaml's `task`; the characters task reads its classes and targets from `identity`."""
     require(models, "params.yaml 'models:' is empty: there is nothing to evaluate")
     torch_device = select_device(device)
     val = read_val_frames(split, frames.manifest)
-    exact = truth_files(truth.folder, truth.mask_index, val) if truth else {}
-    loaded = load_models(models, models_dir, torch_device)
-    run = score_frames(loaded, val, frames, masks, exact, cfg, progress=progress)
+    if task == CHARACTERS:
+        require(identity is not None, "the characters task is scored against the identity stage's output: "
+                                      "pass its folder (--identity data/identity)")
+        classes = read_classes(identity.classes)
+        exact = character_truth(truth, val, classes) if truth else None
+        loaded = load_models(models, models_dir, torch_device, classes, identity.classes)
+        targets = character_targets(classes, frames, identity, exact)
+    else:
+        loaded = load_models(models, models_dir, torch_device, person_task())
+        targets = person_targets(frames, masks, truth_files(truth.folder, truth.mask_index, val) if truth else {})
+    run = score_frames(loaded, val, targets, cfg, progress=progress)
     results = summarize(loaded, run, cfg, len(val))
-    write_outputs(results, loaded, cfg, truth, torch_device, len(val), run.grid, metrics_dir=metrics_dir,
+    write_outputs(results, loaded, cfg, truth, torch_device, len(val), run, targets.task, metrics_dir=metrics_dir,
                   reports_dir=reports_dir, plots_dir=plots_dir)
     return results
 
 
-def load_models(models: Mapping[str, ModelConfig], models_dir: Path,
-                device: torch.device) -> dict[str, TorchSegmenter]:
-    """Every checkpoint first: a missing or wrong one fails before hours of scoring."""
-    return {name: TorchSegmenter.from_checkpoint(checkpoint_in(models_dir, name), model_name=name,
-                                                 expect_arch=model.arch, device=device)
-            for name, model in models.items()}
+def load_models(models: Mapping[str, ModelConfig], models_dir: Path, device: torch.device, task: Task,
+                classes_file: Path | None = None) -> dict[str, TorchSegmenter]:
+    """Every checkpoint first: a missing or wrong one (another arch, task or class list) fails before hours
+    of scoring. classes_file: where the characters task's classes came from, for the error."""
+    loaded = {}
+    for name, model in models.items():
+        checkpoint = checkpoint_in(models_dir, name)
+        segmenter = TorchSegmenter.from_checkpoint(checkpoint, model_name=name, expect_arch=model.arch, device=device)
+        retrain = f"retrain it with `dvc repro train@{name}`"
+        if segmenter.task.name != task.name:
+            raise CharsegError(f"model {name} ({checkpoint}) was trained for the '{segmenter.task.name}' task but "
+                               f"params.yaml says task: {task.name}: {retrain} (or set task: {segmenter.task.name})")
+        if segmenter.task.classes != task.classes:
+            raise CharsegError(f"model {name} ({checkpoint}) was trained on the classes {list(segmenter.task.classes)} "
+                               f"but {classes_file} lists {list(task.classes)}: {retrain}")
+        loaded[name] = segmenter
+    return loaded
 
 
-def score_frames(loaded: dict[str, TorchSegmenter], frames: list[Frame], frames_dir: FramesDir,
-                 masks_dir: MasksDir, truth: dict[str, Path], cfg: EvaluateConfig, *, progress: bool = True) -> Run:
+def score_frames(loaded: dict[str, TorchSegmenter], frames: list[Frame], targets: Targets, cfg: EvaluateConfig, *,
+                 progress: bool = True) -> Run:
     """Every model on every frame: scores against the labels (and the exact truth), latency, grid thumbnails."""
-    run = Run(scores={name: Scores(cfg.boundary_tolerance_px) for name in loaded},
-              truth_scores={name: Scores(cfg.boundary_tolerance_px) for name in loaded} if truth else {},
+    exact_truth = targets.read_truth is not None
+    run = Run(scores={name: targets.scores(cfg) for name in loaded},
+              truth_scores={name: targets.scores(cfg) for name in loaded} if exact_truth else {},
               latency_ms={name: [] for name in loaded})
     shown = set(grid_ids(frames, cfg.grid_frames))
     for frame in tqdm(frames, desc="evaluate", unit="frame", disable=not progress):
-        image, target = read_pair(frames_dir, masks_dir, frame.id)
-        exact = read_binary_mask(truth[frame.id], None, key=TRUTH_KEY) > 0 if truth else None
-        row = {"frame": frame, "image": thumbnail(image), "target": thumbnail(target.astype(np.uint8)) > 0,
-               "preds": {}}
+        image, target = targets.read(frame.id)
+        exact = targets.read_truth(frame.id) if exact_truth else None
+        row = {"frame": frame, "image": thumbnail(image), "target": targets.thumbnail(target), "preds": {}}
         for name, segmenter in loaded.items():
+            threshold = segmenter.meta["threshold"]
             start = time.perf_counter()
             probs = predict_proba(segmenter, image)
-            pred = probs > segmenter.meta["threshold"]
+            pred = targets.predict(probs, threshold)
             run.latency_ms[name].append((time.perf_counter() - start) * 1000)  # .cpu() waited for the GPU
             run.scores[name].add(pred, target, frame.character)
             if exact is not None:
                 if exact.shape != pred.shape:  # frames.max_side shrank the frames; score at truth size
-                    probs = cv2.resize(probs, exact.shape[::-1], interpolation=cv2.INTER_LINEAR)
-                run.truth_scores[name].add(probs > segmenter.meta["threshold"], exact, frame.character)
+                    probs = to_frame_size(probs, exact.shape)
+                run.truth_scores[name].add(targets.predict(probs, threshold), exact, frame.character)
             if frame.id in shown:
-                row["preds"][name] = thumbnail(pred.astype(np.uint8)) > 0
+                row["preds"][name] = targets.thumbnail(pred)
         if frame.id in shown:
             run.grid.append(row)
     return run
@@ -219,7 +377,7 @@ def score_frames(loaded: dict[str, TorchSegmenter], frames: list[Frame], frames_
 
 def summarize(loaded: dict[str, TorchSegmenter], run: Run, cfg: EvaluateConfig,
               n_frames: int) -> dict[str, dict[str, Any]]:
-    """{model name: its metrics}, what metrics/evaluate/<name>.json holds."""
+    """{model name: its metrics}, what metrics/evaluate/<name>.json holds (scores that are NaN left out)."""
     results = {}
     for name, segmenter in loaded.items():
         timings = run.latency_ms[name][cfg.latency_warmup:] or run.latency_ms[name]  # fewer frames than warm-up: all
@@ -229,23 +387,60 @@ def summarize(loaded: dict[str, TorchSegmenter], run: Run, cfg: EvaluateConfig,
                          "frames": n_frames, "best_epoch": segmenter.meta["epoch"]}
         if run.truth_scores:
             results[name]["truth"] = run.truth_scores[name].summary()
+        results[name] = _scored(results[name])
     return results
 
 
+@dataclass(frozen=True)
+class ReportSpec:
+    """What one task's comparison table and bar charts show."""
+    rank_key: str                                 # the metrics key models are ranked by, highest first
+    rank_text: str
+    targets: str
+    columns: list[tuple[str, str, str]]           # (metrics key, header, format), as COLUMNS
+    truth_columns: list[tuple[str, str, str]]
+    per_character: list[tuple[str, str, str]]     # (csv prefix, metrics key, title): a table per character
+    truth_per_character: list[tuple[str, str, str]]
+
+
+PERSON_REPORT = ReportSpec("dice", "Dice over the whole set", "the pipeline's masks (data/masks)", COLUMNS,
+                           TRUTH_COLUMNS, [("dice", "dice_per_character", "Dice per character")], [])
+CHARACTERS_REPORT = ReportSpec(
+    "miou", "mIoU over the named characters", "the identity stage's class maps (data/identity)", CHARACTER_COLUMNS,
+    CHARACTER_TRUTH_COLUMNS, [("iou", "iou_per_character", "IoU per character"),
+                              ("dice", "dice_per_character", "Dice per character"),
+                              ("bf1", "boundary_f1_per_character", "Boundary F1 per character")],
+    [("iou", "iou_per_character", "IoU per character")])
+
+
+def ranking(results: dict[str, dict[str, Any]], key: str) -> list[str]:
+    """Model names, best `key` first (a model without that score, e.g. no character anywhere, last)."""
+    return sorted(results, key=lambda n: (-results[n].get(key, -1.0), n))
+
+
 def write_outputs(results: dict[str, dict[str, Any]], loaded: dict[str, TorchSegmenter], cfg: EvaluateConfig,
-                  truth: Truth | None, device: torch.device, n_frames: int, grid: list[dict[str, Any]], *,
+                  truth: Truth | None, device: torch.device, n_frames: int, run: Run, task: Task, *,
                   metrics_dir: Path, reports_dir: Path, plots_dir: Path) -> None:
-    """metrics/evaluate/<name>.json, reports/comparison.md and .csv, plots/evaluate/*.png; models ranked by Dice."""
-    ranked = sorted(results, key=lambda n: (-results[n]["dice"], n))
+    """metrics/evaluate/<name>.json, reports/comparison.md and .csv, plots/evaluate/*.png; models ranked by
+    Dice (person) or mIoU (characters)."""
+    spec = CHARACTERS_REPORT if task.name == CHARACTERS else PERSON_REPORT
+    ranked = ranking(results, spec.rank_key)
     with atomic_dir(metrics_dir) as tmp:
         for name in ranked:
             write_json(tmp / f"{name}.json", results[name])
+    characters = list(task.characters) or sorted({c for r in results.values() for c in r["dice_per_character"]})
+    has_truth = all("truth" in r for r in results.values())
     write_comparison(reports_dir, ranked, results, {n: s.meta for n, s in loaded.items()}, cfg,
-                     truth.folder if truth else None, device, n_frames)
+                     truth.folder if truth and has_truth else None, device, n_frames, spec, characters)
     with atomic_dir(plots_dir) as tmp:
-        plot_bars(tmp, ranked, results, any("truth" in r for r in results.values()))
-        if grid:
-            plot_grid(tmp / "qualitative.png", grid, ranked)
+        plot_bars(tmp / "metrics.png", ranked, results, spec, has_truth)
+        key, title = spec.per_character[0][1:]
+        plot_per_character(tmp / f"{key}.png", ranked, results, characters, key, title)
+        if task.name == CHARACTERS:
+            for name in ranked:
+                plot_confusion(tmp / f"confusion_{name}.png", run.scores[name].matrix, task, name)
+        if run.grid:
+            plot_grid(tmp / "qualitative.png", run.grid, ranked, task)
 
 
 def _device_name(device: torch.device) -> str:
@@ -253,20 +448,30 @@ def _device_name(device: torch.device) -> str:
         f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _cell(value: Any, fmt: str) -> str:
+    """A table cell: '-' for a score that does not exist (a class in neither prediction nor target)."""
+    return "-" if value in ("", None) or np.isnan(value) else format(value, fmt)
+
+
 def write_comparison(reports_dir: Path, ranked: list[str], results: dict[str, dict[str, Any]],
                      metas: dict[str, dict[str, Any]], cfg: EvaluateConfig, truth_dir: Path | None,
-                     device: torch.device, n_frames: int) -> None:
-    characters = sorted({c for r in results.values() for c in r["dice_per_character"]})
-    has_truth = all("truth" in r for r in results.values())
+                     device: torch.device, n_frames: int, spec: ReportSpec = PERSON_REPORT,
+                     characters: list[str] | None = None) -> None:
+    """reports/comparison.csv and .md. characters: the per-character columns (default: every one scored)."""
+    characters = characters or sorted({c for r in results.values() for c in r["dice_per_character"]})
+    per_character = [(f"{prefix}[{c}]", key, c) for prefix, key, _ in spec.per_character for c in characters]
+    truth_per_character = [(f"truth_{prefix}[{c}]", key, c) for prefix, key, _ in spec.truth_per_character
+                           for c in characters]
     rows = []
     for rank, name in enumerate(ranked, 1):
         meta, r = metas[name], results[name]
         row = {"rank": rank, "model": name, "arch": meta["arch"], "encoder": meta["encoder"],
                "encoder_weights": meta["cfg"].get("encoder_weights") or "none", "img_size": meta["img_size"],
-               "best_epoch": meta["epoch"], **{key: r[key] for key, _, _ in COLUMNS},
-               **{f"dice[{c}]": r["dice_per_character"].get(c, "") for c in characters}}
-        if has_truth:
-            row.update({f"truth_{key}": r["truth"][key] for key, _, _ in TRUTH_COLUMNS})
+               "best_epoch": meta["epoch"], **{key: r.get(key, "") for key, _, _ in spec.columns},
+               **{column: r.get(key, {}).get(c, "") for column, key, c in per_character}}
+        if truth_dir is not None:
+            row.update({f"truth_{key}": r["truth"].get(key, "") for key, _, _ in spec.truth_columns})
+            row.update({column: r["truth"].get(key, {}).get(c, "") for column, key, c in truth_per_character})
         rows.append(row)
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_csv(reports_dir / "comparison.csv", rows, list(rows[0]))
@@ -275,24 +480,28 @@ def write_comparison(reports_dir: Path, ranked: list[str], results: dict[str, di
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
+    def character_table(prefix: str) -> str:
+        return table(["Model"] + characters,
+                     [[row["model"]] + [_cell(row[f"{prefix}[{c}]"], ".4f") for c in characters] for row in rows])
+
     info = ["Rank", "Model", "Arch", "Encoder", "Weights", "Size", "Epoch"]
     text = [
         "# Model comparison", "",
-        f"{n_frames} validation frames, {len(characters)} character(s), ranked by Dice over the whole set. "
-        f"Targets: the pipeline's masks (data/masks). Boundary F1 within {cfg.boundary_tolerance_px:g} px. "
+        f"{n_frames} validation frames, {len(characters)} character(s), ranked by {spec.rank_text}. "
+        f"Targets: {spec.targets}. Boundary F1 within {cfg.boundary_tolerance_px:g} px. "
         f"Latency: one frame (resize, forward, resize back) on {_device_name(device)}, median.", "",
-        table(info + [h for _, h, _ in COLUMNS],
+        table(info + [h for _, h, _ in spec.columns],
               [[str(row[k]) for k in ("rank", "model", "arch", "encoder", "encoder_weights", "img_size", "best_epoch")]
-               + [format(row[key], fmt) for key, _, fmt in COLUMNS] for row in rows]), "",
-        "## Dice per character", "",
-        table(["Model"] + characters,
-              [[row["model"]] + [format(row[f"dice[{c}]"], ".4f") if row[f"dice[{c}]"] != "" else "-"
-                                 for c in characters] for row in rows]), ""]
-    if has_truth:
+               + [_cell(row[key], fmt) for key, _, fmt in spec.columns] for row in rows]), ""]
+    for prefix, _, title in spec.per_character:
+        text += [f"## {title}", "", character_table(prefix), ""]
+    if truth_dir is not None:
         text += [f"## Against the exact ground truth ({truth_dir})", "",
-                 table(["Model"] + [h for _, h, _ in TRUTH_COLUMNS],
-                       [[row["model"]] + [format(row[f"truth_{key}"], fmt) for key, _, fmt in TRUTH_COLUMNS]
+                 table(["Model"] + [h for _, h, _ in spec.truth_columns],
+                       [[row["model"]] + [_cell(row[f"truth_{key}"], fmt) for key, _, fmt in spec.truth_columns]
                         for row in rows]), ""]
+        for prefix, _, title in spec.truth_per_character:
+            text += [f"### {title} (exact truth)", "", character_table(f"truth_{prefix}"), ""]
     write_text_atomic(reports_dir / "comparison.md", "\n".join(text))
 
 
@@ -302,12 +511,13 @@ def _save(fig: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def plot_bars(out_dir: Path, ranked: list[str], results: dict[str, dict[str, Any]], has_truth: bool) -> None:
-    """metrics.png: one bar chart per metric, models in ranking order; dice_per_character.png."""
-    charts = [(key, header, lambda r, k=key: r[k]) for key, header, _ in COLUMNS]
+def plot_bars(path: Path, ranked: list[str], results: dict[str, dict[str, Any]], spec: ReportSpec,
+              has_truth: bool) -> None:
+    """One bar chart per metric of the comparison table (and of the exact truth), models in ranking order."""
+    charts = [(key, header, lambda r, k=key: r.get(k, np.nan)) for key, header, _ in spec.columns]
     if has_truth:
-        charts += [(f"truth_{key}", f"{header} (exact truth)", lambda r, k=key: r["truth"][k])
-                   for key, header, _ in TRUTH_COLUMNS]
+        charts += [(f"truth_{key}", f"{header} (exact truth)", lambda r, k=key: r["truth"].get(k, np.nan))
+                   for key, header, _ in spec.truth_columns]
     n_cols = 4
     n_rows = -(-len(charts) // n_cols)
     # Fixed spacing: matplotlib's layout engines cost seconds per figure.
@@ -322,32 +532,66 @@ def plot_bars(out_dir: Path, ranked: list[str], results: dict[str, dict[str, Any
             ax.set_ylim(0, 1.1)
     for ax in axes[len(charts):]:
         ax.set_axis_off()
-    _save(fig, out_dir / "metrics.png")
+    _save(fig, path)
 
-    characters = sorted({c for n in ranked for c in results[n]["dice_per_character"]})
-    fig = Figure(figsize=(2 + 0.5 * len(characters) * len(ranked), 3.5))
+
+def plot_per_character(path: Path, ranked: list[str], results: dict[str, dict[str, Any]], characters: list[str],
+                       key: str, title: str) -> None:
+    """Grouped bars: one group per character, one bar per model (no bar where a score does not exist)."""
+    fig = Figure(figsize=(2 + 0.5 * max(1, len(characters)) * len(ranked), 3.5))
     fig.subplots_adjust(bottom=0.25)
     ax = fig.subplots()
     width = 0.8 / len(ranked)
     for i, name in enumerate(ranked):
-        values = [results[name]["dice_per_character"].get(c, np.nan) for c in characters]
+        values = [results[name].get(key, {}).get(c, np.nan) for c in characters]
         ax.bar(np.arange(len(characters)) + i * width, values, width, label=name)
     ax.set_xticks(np.arange(len(characters)) + 0.4 - width / 2, characters, rotation=30)
     ax.set_ylim(0, 1.08)
-    ax.set_title("Dice per character")
+    ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, out_dir / "dice_per_character.png")
+    _save(fig, path)
 
 
-def plot_grid(path: Path, grid: list[dict[str, Any]], ranked: list[str]) -> None:
+def plot_confusion(path: Path, matrix: np.ndarray, task: Task, name: str) -> None:
+    """The class confusion of one model, each row (a true class) divided by its pixels: where alice's pixels went."""
+    pixels = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(pixels > 0, matrix / np.maximum(pixels, 1), np.nan)
+    n = len(task.classes)
+    fig = Figure(figsize=(2.5 + 0.7 * n, 2 + 0.6 * n))
+    fig.subplots_adjust(left=0.25, bottom=0.25, right=0.95, top=0.9)
+    ax = fig.subplots()
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for row in range(n):
+        for col in range(n):
+            if not np.isnan(shares[row, col]):
+                ax.text(col, row, f"{shares[row, col]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if shares[row, col] > 0.5 else "black")
+    ax.set_xticks(range(n), task.classes, rotation=30, fontsize=8)
+    ax.set_yticks(range(n), task.classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{name}: share of each true class's pixels", fontsize=10)
+    _save(fig, path)
+
+
+def plot_grid(path: Path, grid: list[dict[str, Any]], ranked: list[str], task: Task | None = None) -> None:
+    """The same validation frames across all models: person task green/red/blue for true positive, false
+    positive, false negative; characters task each class in its colour (task.palette), with a legend."""
+    task = task or person_task()
+    colours = palette(task)
     columns = ["frame", "label"] + ranked
     fig = Figure(figsize=(2.4 * len(columns), 1.6 * len(grid) + 0.6))
     axes = fig.subplots(len(grid), len(columns), squeeze=False,
                         gridspec_kw={"wspace": 0.05, "hspace": 0.1, "left": 0.05, "right": 0.99, "top": 0.95,
                                      "bottom": 0.6 / (1.6 * len(grid) + 0.6)})
     for r, row in enumerate(grid):
-        panels = [row["image"], overlay(row["image"], row["target"], row["target"])] + \
-                 [overlay(row["image"], row["preds"][name], row["target"]) for name in ranked]
+        if task.name == PERSON:
+            panels = [row["image"], overlay(row["image"], row["target"], row["target"])] + \
+                     [overlay(row["image"], row["preds"][name], row["target"]) for name in ranked]
+        else:
+            panels = [row["image"], tint(row["image"], row["target"], colours)] + \
+                     [tint(row["image"], row["preds"][name], colours) for name in ranked]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
             ax.imshow(panel)
@@ -356,6 +600,7 @@ def plot_grid(path: Path, grid: list[dict[str, Any]], ranked: list[str]) -> None
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
         axes[r][0].set_ylabel(f"{row['frame'].character}\n{row['frame'].id[-8:]}", fontsize=7)
-    handles = [Patch(color=np.array(color) / 255, label=name) for name, color in OVERLAY.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    legend = OVERLAY.items() if task.name == PERSON else zip(task.classes[1:], colours[1:])
+    handles = [Patch(color=np.array(color) / 255, label=name) for name, color in legend]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     _save(fig, path)

@@ -2,7 +2,8 @@
 
 Reads models/NAME/best.pt (or --checkpoint PATH), writes exports/NAME.onnx (or --output; NAME is the checkpoint's
 own model name when only --checkpoint is given) with a dynamic batch, a fixed img_size x img_size input and the
-checkpoint metadata embedded, only after onnxruntime's output matches torch's on a random batch;
+checkpoint metadata embedded (its task and classes too: a characters-task model has one output channel per
+class), only after onnxruntime's probabilities match torch's on a random batch;
 `charseg predict --onnx exports/NAME.onnx ...` then runs it. The checkpoint records its arch, so no params.yaml
 is needed; when one is there (--params, default ./params.yaml) and --model names one of its models, the
 checkpoint must hold that model's arch.
@@ -20,7 +21,9 @@ from charseg.errors import require
 from charseg.inference import configured_arch
 from charseg.io import check_writable
 from charseg.layout import PROJECT
-from charseg.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportReport, export_onnx
+from charseg.onnx import DEFAULT_TOLERANCE, ExportReport, export_onnx
+from charseg.ort import DEFAULT_OPSET
+from charseg.task import PERSON, task_of_checkpoint
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:
@@ -42,8 +45,10 @@ def export(checkpoint: Path, output: Path | None = None, *, model_name: str | No
     if output is None:
         output = PROJECT.onnx(meta["model_name"])
         check_output(output, overwrite=overwrite)
-    print(f"export: {meta['model_name']} ({meta['arch']}, {meta['encoder']}, img_size {meta['img_size']}) from "
-          f"{checkpoint}, opset {opset}...", file=sys.stderr)
+    task = task_of_checkpoint(meta)
+    classes = "" if task.name == PERSON else f": {', '.join(task.classes)}"
+    print(f"export: {meta['model_name']} ({meta['arch']}, {meta['encoder']}, img_size {meta['img_size']}, "
+          f"{task.name} task{classes}) from {checkpoint}, opset {opset}...", file=sys.stderr)
     return export_onnx(model, meta, output, opset=opset, tolerance=tolerance, source_checkpoint=checkpoint)
 
 
@@ -57,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}; 18 for older runtimes)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="largest allowed |onnxruntime - torch| foreground probability on the check batch "
+                        help="largest allowed |onnxruntime - torch| probability (foreground, or per class) on "
+                             "the check batch "
                              f"(default {DEFAULT_TOLERANCE:g}); the logit difference is reported too")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--params", type=Path,

@@ -1,11 +1,15 @@
 """Running a trained model on frames, shared by evaluate, predict and export.
 
-A Segmenter maps a preprocessed batch to foreground probabilities at the model's img_size; it is a
+A Segmenter maps a preprocessed batch to probabilities at the model's img_size (person task: the
+foreground probability (B, S, S), sigmoid; characters task: one channel per class (B, C, S, S), softmax,
+charseg.task); it is a
 PyTorch checkpoint (TorchSegmenter, here) or an ONNX file (charseg.onnx.OnnxSegmenter), and both
 rebuild their preprocessing from the checkpoint metadata they carry, so callers never guess it.
 Frames are resized (data.resize_image) and normalised (data.normalize) exactly as in training;
 probabilities are resized back to the frame's own size (to_frame_size) *before* thresholding, so
 masks keep the frame's resolution and edges are not the blocky upscale of an img_size mask.
+`class_ids` is the one place where probabilities become classes (person: above the threshold; characters:
+the most probable class), for evaluate and predict alike.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from charseg import models
 from charseg.config import PARAMS_FILE, load_config
 from charseg.data import normalize, resize_image
 from charseg.device import Precision
+from charseg.task import PERSON, Task, class_map, person_task, probabilities, task_of_checkpoint
 
 
 def preprocess(images: Sequence[np.ndarray], meta: dict[str, Any]) -> np.ndarray:
@@ -45,10 +50,23 @@ def configured_arch(name: str | None, params_file: str | Path | None = None) -> 
 
 
 class Segmenter(Protocol):
-    """A model behind one call: preprocessed (B, 3, S, S) float32 -> probabilities (B, S, S) float32."""
-    meta: dict[str, Any]  # checkpoint metadata: model_name, arch, encoder, img_size, mean, std, threshold, ...
+    """A model behind one call: preprocessed (B, 3, S, S) float32 -> probabilities float32, (B, S, S) for the
+    person task, (B, C, S, S) for the characters task (see segmenter_task)."""
+    meta: dict[str, Any]  # checkpoint metadata: model_name, arch, encoder, img_size, mean, std, threshold, task, ...
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def segmenter_task(segmenter: Segmenter) -> Task:
+    """The task a segmenter's model was trained for, from its metadata (none recorded: the person task)."""
+    return task_of_checkpoint(segmenter.meta)
+
+
+def logits_to_probabilities(task: Task, logits: torch.Tensor) -> np.ndarray:
+    """(B, C, S, S) model output -> what a Segmenter returns: person (B, S, S) sigmoid, characters (B, C, S, S)
+    softmax (charseg.task.probabilities), float32 on the CPU."""
+    probs = probabilities(task, logits.float())
+    return (probs[:, 0] if task.name == PERSON else probs).cpu().numpy()
 
 
 class TorchSegmenter:
@@ -58,6 +76,7 @@ class TorchSegmenter:
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device,
                  amp: bool = False) -> None:
         self.meta = meta
+        self.task = task_of_checkpoint(meta)
         self.device = device
         self.precision = Precision.for_device(device, amp)
         self.model = model.to(device, memory_format=self.precision.memory_format).eval()
@@ -82,23 +101,39 @@ class TorchSegmenter:
         inputs = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.precision.memory_format)
         with self.precision.autocast():
             logits = self.model(inputs)
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        return logits_to_probabilities(self.task, logits)
 
 
 def to_frame_size(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an (S, S) probability map to the frame's (H, W); threshold only after this."""
+    """Bilinear resize of an (S, S) probability map, or of each channel of a (C, S, S) one, to the frame's
+    (H, W); threshold or argmax only after this."""
     height, width = size
-    return cv2.resize(np.asarray(probs, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    probs = np.asarray(probs, np.float32)
+    if probs.ndim == 2:
+        return cv2.resize(probs, (width, height), interpolation=cv2.INTER_LINEAR)
+    # cv2 resizes all channels in one call when they are last (up to 512 of them; classes are at most 256).
+    resized = cv2.resize(np.ascontiguousarray(probs.transpose(1, 2, 0)), (width, height),
+                         interpolation=cv2.INTER_LINEAR)
+    return resized.reshape(height, width, -1).transpose(2, 0, 1)
 
 
 def predict_proba(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
-    """Foreground probability (H, W) of one RGB frame, at the frame's own size."""
+    """Probabilities of one RGB frame at the frame's own size: (H, W) foreground (person), (C, H, W) per class."""
     return to_frame_size(segmenter(preprocess([image], segmenter.meta))[0], image.shape[:2])
 
 
 def binary_mask(probs: np.ndarray, threshold: float) -> np.ndarray:
     """uint8 0/255 mask of probabilities strictly above the threshold (0 -> everything, 1 -> nothing)."""
-    return (probs > threshold).view(np.uint8) * np.uint8(255)
+    return class_ids(person_task(), probs, threshold) * np.uint8(255)
+
+
+def class_ids(task: Task, probs: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 (H, W) class ids of one frame's probabilities (as predict_proba gives them): person 1 where the
+    probability is strictly above `threshold`, else 0; characters the most probable class (task.class_map:
+    softmax keeps the order of the logits, so its argmax is theirs; `threshold` does not apply)."""
+    if task.name == PERSON:
+        return (probs > threshold).view(np.uint8)
+    return class_map(task, torch.from_numpy(np.ascontiguousarray(probs))[None])[0].numpy().astype(np.uint8)
 
 
 class Smoother:
@@ -118,8 +153,15 @@ class Smoother:
         return probs
 
 
+def infer_class_maps(segmenter: Segmenter, batch: np.ndarray, sizes: Sequence[tuple[int, int]], threshold: float,
+                     smoother: Smoother | None = None) -> list[np.ndarray]:
+    """One model call on a preprocessed batch -> uint8 class ids (class_ids) per frame at that frame's (H, W)."""
+    task = segmenter_task(segmenter)
+    smooth = smoother or (lambda probs: probs)
+    return [class_ids(task, to_frame_size(smooth(p), size), threshold) for p, size in zip(segmenter(batch), sizes)]
+
+
 def infer_masks(segmenter: Segmenter, batch: np.ndarray, sizes: Sequence[tuple[int, int]], threshold: float,
                 smoother: Smoother | None = None) -> list[np.ndarray]:
-    """One model call on a preprocessed batch -> a 0/255 mask per frame at that frame's (H, W)."""
-    smooth = smoother or (lambda probs: probs)
-    return [binary_mask(to_frame_size(smooth(p), size), threshold) for p, size in zip(segmenter(batch), sizes)]
+    """A person-task model on a preprocessed batch -> a 0/255 mask per frame at that frame's (H, W)."""
+    return [ids * np.uint8(255) for ids in infer_class_maps(segmenter, batch, sizes, threshold, smoother)]

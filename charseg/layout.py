@@ -18,6 +18,12 @@ CHECKPOINT_NAME = "best.pt"
 FRAME_COLUMNS = ("id", "character", "video", "frame_index", "timestamp", "width", "height")
 # What the masks manifest (data/masks/manifest.csv) adds to each frame row.
 LABEL_COLUMNS = ("status", "n_persons", "coverage", "boxes", "box_scores", "sam_scores", "truth_dice", "note")
+# The masks stage's instances.csv: one row per person instance kept after refinement, in instance-id order per
+# frame. `instance` is the pixel value in instances/<id>.png; `character` is empty unless imported labels named it.
+INSTANCE_COLUMNS = ("id", "instance", "x1", "y1", "x2", "y2", "box_score", "sam_score", "area", "character")
+# The identity stage's instances.csv adds the assignment of each instance.
+IDENTITY_COLUMNS = INSTANCE_COLUMNS + ("folder", "assigned", "similarity", "runner_up", "source")
+BACKGROUND, OTHER = "background", "other"  # the first and the last class of the characters task
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,41 @@ class FramesDir(StageDir):
 
 
 class MasksDir(StageDir):
-    """The masks stage's output (data/masks): images/<id>.png, 0/255 at the frame's size."""
+    """The masks stage's output (data/masks): images/<id>.png, 0/255 at the frame's size (the union of the
+    instances), instances/<id>.png (uint16 instance ids, 0 = nobody) and instances.csv (INSTANCE_COLUMNS)."""
     SUFFIX = MASK_SUFFIX
 
     def mask(self, frame_id: str) -> Path:
         return self.file(frame_id)
+
+    @property
+    def instances(self) -> Path:
+        return self.root / "instances"
+
+    def instance_map(self, frame_id: str) -> Path:
+        return self.instances / f"{frame_id}{MASK_SUFFIX}"
+
+    @property
+    def instance_table(self) -> Path:
+        return self.root / "instances.csv"
+
+
+class IdentityDir(StageDir):
+    """The identity stage's output (data/identity): images/<id>.png, uint8 class ids at the frame's size
+    (0 background, 1..K the characters, K+1 other: the order of classes.json), manifest.csv, report.json,
+    instances.csv (IDENTITY_COLUMNS) and classes.json ({"classes": [...]})."""
+    SUFFIX = MASK_SUFFIX
+
+    def class_map(self, frame_id: str) -> Path:
+        return self.file(frame_id)
+
+    @property
+    def classes(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
+    def instance_table(self) -> Path:
+        return self.root / "instances.csv"
 
 
 @dataclass(frozen=True)
@@ -100,6 +136,10 @@ class Layout:
     @property
     def masks(self) -> MasksDir:
         return MasksDir(self.root / "data" / "masks")
+
+    @property
+    def identity(self) -> IdentityDir:
+        return IdentityDir(self.root / "data" / "identity")
 
     @property
     def split(self) -> Path:

@@ -30,7 +30,7 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
@@ -42,9 +42,10 @@ from charseg.io import atomic_dir, imread, imwrite_atomic, read_manifest, slugif
 from charseg.label_shards import Labeler, LabelerFactory, label_in_workers, labels_through_cache, worker_count
 from charseg.labels.cache import LabelCache
 from charseg.labels.detect import FrameLabel, build_labeler
-from charseg.labels.imported import MaskMismatch, is_uniform, mask_files, read_binary_mask
-from charseg.labels.refine import refine_mask
-from charseg.layout import LABEL_COLUMNS, FramesDir, MasksDir
+from charseg.labels.imported import (MaskMismatch, is_uniform, mask_files, read_binary_mask, read_character_map,
+                                     read_character_values)
+from charseg.labels.refine import refine_instances, refine_mask
+from charseg.layout import INSTANCE_COLUMNS, LABEL_COLUMNS, FramesDir, MasksDir
 from charseg.metrics import Counts, confusion, dice
 
 TILE_WIDTH, GRID_COLUMNS = 320, 4
@@ -82,17 +83,36 @@ class TruthScore:
 
 
 class MaskSaver:
-    """Writes each final mask as the masks folder's <id>.png and measures it (coverage; Dice against exact
+    """Writes each final mask as the masks folder's <id>.png and its instance map as instances/<id>.png,
+    collects the instances' rows (INSTANCE_COLUMNS) and measures the mask (coverage; Dice against exact
     masks when `truth` is given)."""
 
     def __init__(self, out: MasksDir, truth: TruthScore | None):
         self.out, self.truth = out, truth
+        self.instance_rows: list[dict[str, Any]] = []
         out.images.mkdir(parents=True, exist_ok=True)
+        out.instances.mkdir(parents=True, exist_ok=True)
 
-    def save(self, frame_id: str, mask: np.ndarray) -> dict[str, Any]:
+    def save(self, frame_id: str, mask: np.ndarray, instances: np.ndarray,
+             details: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """`instances`: uint16 ids whose non-zero pixels are `mask`'s; `details`: per id, the INSTANCE_COLUMNS
+        the map cannot tell (box_score, sam_score, character; the box is the detector's when given)."""
         imwrite_atomic(self.out.mask(frame_id), mask)
+        imwrite_atomic(self.out.instance_map(frame_id), instances.astype(np.uint16))
+        self.instance_rows += instance_rows(frame_id, instances, details or {})
         return {"coverage": round(np.count_nonzero(mask) / mask.size, 6),
                 "truth_dice": self.truth.score(frame_id, mask) if self.truth is not None else ""}
+
+
+def instance_rows(frame_id: str, instances: np.ndarray, details: Mapping[int, Mapping[str, Any]]) -> list[dict]:
+    """One INSTANCE_COLUMNS row per id present in the map; the box is the blob's extent unless details give one."""
+    rows = []
+    for value in np.unique(instances[instances > 0]).tolist():
+        ys, xs = np.nonzero(instances == value)
+        row = {"id": frame_id, "instance": value, "x1": int(xs.min()), "y1": int(ys.min()), "x2": int(xs.max()) + 1,
+               "y2": int(ys.max()) + 1, "box_score": "", "sam_score": "", "area": int(len(xs)), "character": ""}
+        rows.append({**row, **details.get(value, {})})
+    return rows
 
 
 def _failed(note: str) -> dict[str, Any]:
@@ -112,6 +132,17 @@ def final_mask(label: FrameLabel, refine: RefineConfig) -> np.ndarray:
     return refine_mask(label.mask, refine) if len(label.boxes) else np.zeros(label.mask.shape, np.uint8)
 
 
+def _box_details(label: FrameLabel) -> dict[int, dict[str, Any]]:
+    """Per instance id (box index + 1): the detector's box and score, and SAM's score when SAM ran."""
+    details = {}
+    for index, box in enumerate(np.asarray(label.boxes).reshape(-1, 4)):
+        x1, y1, x2, y2 = (round(float(v), 1) for v in box)
+        details[index + 1] = {"x1": x1, "y1": y1, "x2": x2, "y2": y2,
+                              "box_score": round(float(label.box_scores[index]), 4),
+                              "sam_score": round(float(label.sam_scores[index]), 4) if len(label.sam_scores) else ""}
+    return details
+
+
 class FrameLabeller:
     """Turns a frame's FrameLabel (fresh or cached) into its manifest fields: refined, saved, measured."""
 
@@ -123,11 +154,12 @@ class FrameLabeller:
         fields = {"n_persons": n, "boxes": _numbers(label.boxes, 1), "box_scores": _numbers(label.box_scores, 4),
                   "sam_scores": _numbers(label.sam_scores, 4), "note": ""}
         mask = final_mask(label, self.refine)
+        instances = refine_instances(label.instances, mask)
         if n == 0:
-            return {**fields, "status": "empty", **self.saver.save(frame_id, mask)}
+            return {**fields, "status": "empty", **self.saver.save(frame_id, mask, instances)}
         if not mask.any():
             return {**fields, **_failed(f"{n} person(s) found but their mask is empty after refinement")}
-        return {**fields, "status": "labelled", **self.saver.save(frame_id, mask)}
+        return {**fields, "status": "labelled", **self.saver.save(frame_id, mask, instances, _box_details(label))}
 
 
 def label_frames(rows: list[dict[str, str]], frames: FramesDir, labeler: Labeler, cache: LabelCache,
@@ -151,12 +183,32 @@ def label_frames(rows: list[dict[str, str]], frames: FramesDir, labeler: Labeler
 # labels.method import
 # ---------------------------------------------------------------------------------------------
 
+class ImportedMask:
+    """Reads one user mask as (0/255 mask, uint16 instance map, per-instance details): a binary mask's
+    connected blobs are its instances (their identity is the identity stage's guess); with
+    labels.import_identity, a per-character mask's values are taken as they are, one instance per character."""
+
+    def __init__(self, folder: Path, index_name: str | None, rows: list[dict[str, str]], with_identity: bool):
+        self.values = read_character_values(folder) if with_identity else None
+        self.files = mask_files(folder, index_name, rows, column="character_mask" if with_identity else "mask")
+
+    def read(self, path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+        if self.values is None:
+            mask = read_binary_mask(path, size)
+            _, blobs = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)
+            return mask, blobs.astype(np.uint16), {}
+        values = read_character_map(path, size, self.values)
+        details = {value: {"character": self.values[value]} for value in np.unique(values[values > 0]).tolist()}
+        return (values > 0).astype(np.uint8) * 255, values, details
+
+
 def import_masks(rows: list[dict[str, str]], frames: FramesDir, folder: Path, index_name: str | None,
-                 saver: MaskSaver) -> dict[str, dict]:
+                 saver: MaskSaver, with_identity: bool = False) -> dict[str, dict]:
     """The user's masks per frame id; every mask that does not fit is reported, then nothing is kept.
     An empty mask on a frame that shows something is kept (nobody may be there) but warned about,
     once for the run, with the first examples: it is trained as 'nobody here' (labels.keep_empty)."""
-    files = mask_files(folder, index_name, rows)
+    reader = ImportedMask(folder, index_name, rows, with_identity)
+    files = reader.files
     index = folder / index_name if index_name else None
     results: dict[str, dict] = {}
     problems: list[str] = []
@@ -169,7 +221,7 @@ def import_masks(rows: list[dict[str, str]], frames: FramesDir, folder: Path, in
         try:
             if frame_id not in files:
                 raise MaskMismatch(f"not listed in {index} (video {row['video']}, frame_index {row['frame_index']})")
-            mask = read_binary_mask(files[frame_id], (int(row["height"]), int(row["width"])))
+            mask, instances, details = reader.read(files[frame_id], (int(row["height"]), int(row["width"])))
         except MaskMismatch as err:
             problems.append(f"{frame_id}: {err}")
             continue
@@ -178,7 +230,8 @@ def import_masks(rows: list[dict[str, str]], frames: FramesDir, folder: Path, in
             suspicious.append(f"{frame_id} ({files[frame_id]})")
             note = "empty mask on a non-uniform frame"
         results[frame_id] = {"status": "labelled" if mask.any() else "empty", "n_persons": "", "boxes": "",
-                             "box_scores": "", "sam_scores": "", "note": note, **saver.save(frame_id, mask)}
+                             "box_scores": "", "sam_scores": "", "note": note,
+                             **saver.save(frame_id, mask, instances, details)}
     if problems:
         raise _mismatches(problems, len(rows), folder, index_name)
     if suspicious:
@@ -316,9 +369,10 @@ def make_labels(rows: list[dict[str, str]], frames: FramesDir, cfg: LabelsConfig
     With `workers` (the factory of the workers' labelers), the frames missing from the label cache are
     labelled first over worker_count(cfg) processes; the fields are then read from the cache."""
     if cfg.method == "import":
-        results = import_masks(rows, frames, cfg.import_dir, cfg.mask_index, saver)
+        results = import_masks(rows, frames, cfg.import_dir, cfg.mask_index, saver, cfg.import_identity)
         print(f"masks: imported {len(results)} masks from {cfg.import_dir}")
-        return results, {"import_dir": str(cfg.import_dir), "mask_index": cfg.mask_index or None}
+        return results, {"import_dir": str(cfg.import_dir), "mask_index": cfg.mask_index or None,
+                         "import_identity": cfg.import_identity}
     assert labeler is not None, "make_masks builds the labeler"
     n_workers = worker_count(cfg) if workers is not None else 1
     by_workers = label_in_workers([frames.image(row["id"]) for row in rows], cfg, workers, labeler.fingerprint,
@@ -364,8 +418,11 @@ def make_masks(frames: FramesDir, out: MasksDir, plots_dir: Path, metrics_path: 
 
     with atomic_dir(out.root) as tmp:
         staged = MasksDir(tmp)
-        results, source = make_labels(rows, frames, cfg, labeler, MaskSaver(staged, truth), workers)
+        saver = MaskSaver(staged, truth)
+        results, source = make_labels(rows, frames, cfg, labeler, saver, workers)
         manifest = write_manifest_and_report(staged, rows, results, cfg, source, truth)
+        write_csv(staged.instance_table, sorted(saver.instance_rows, key=lambda r: (r["id"], r["instance"])),
+                  INSTANCE_COLUMNS)
 
     if truth is not None and truth.problems:
         warn(f"{len(truth.problems)} frame(s) left out of the truth Dice "

@@ -1,4 +1,5 @@
-"""Binary segmentation metrics from confusion counts, on numpy arrays or torch tensors.
+"""Segmentation metrics on numpy arrays or torch tensors: binary ones from confusion counts, multi-class ones
+(the characters task) from a class confusion matrix at the end of the file.
 
 Counts are summed over everything they are given, so a caller adds batches together and gets
 dataset-level scores (Dice over the whole validation set, not a mean of batch means); pass
@@ -12,7 +13,7 @@ recall 0; Dice and IoU are 1.0 only for two empty masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -113,3 +114,55 @@ def _matched_share(edge: np.ndarray, reference_edge: np.ndarray, tolerance_px: f
     # distanceTransform gives each pixel's distance to the nearest zero pixel: the reference contour.
     distance = cv2.distanceTransform((~reference_edge).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return float((distance[edge] <= tolerance_px).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-class (the characters task): one confusion matrix, summed like Counts, and scores from it.
+# A class absent from both prediction and target has no score (NaN) and is left out of means, unlike the
+# binary convention above: a character missing from a whole set says nothing about the model.
+
+def class_confusion(pred: Any, target: Any, n_classes: int) -> np.ndarray:
+    """(n, n) int64 pixel counts of class-id maps of equal shape: rows target class, columns predicted class."""
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if hasattr(pred, "detach"):  # torch: count on the tensors' device, one small array comes back
+        import torch
+
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+        if pred.numel():
+            low, high = int(torch.minimum(pred.min(), target.min())), int(torch.maximum(pred.max(), target.max()))
+            if low < 0 or high >= n_classes:
+                raise ValueError(f"class ids must lie in [0, {n_classes}), got {low}..{high}")
+        counts = torch.bincount(target * n_classes + pred, minlength=n_classes * n_classes)
+        return _numpy(counts).reshape(n_classes, n_classes)
+    pred, target = np.asarray(pred, dtype=np.int64).ravel(), np.asarray(target, dtype=np.int64).ravel()
+    if pred.size and (min(pred.min(), target.min()) < 0 or max(pred.max(), target.max()) >= n_classes):
+        raise ValueError(f"class ids must lie in [0, {n_classes}), got {min(pred.min(), target.min())}.."
+                         f"{max(pred.max(), target.max())}")
+    return np.bincount(target * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _per_class(matrix: np.ndarray, dice_like: bool) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    fp, fn = matrix.sum(axis=0) - tp, matrix.sum(axis=1) - tp
+    den = 2 * tp + fp + fn if dice_like else tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (2 * tp if dice_like else tp) / den, np.nan)
+
+
+def per_class_iou(matrix: np.ndarray) -> np.ndarray:
+    """IoU of each class from a class_confusion matrix; NaN for a class in neither prediction nor target."""
+    return _per_class(matrix, dice_like=False)
+
+
+def per_class_dice(matrix: np.ndarray) -> np.ndarray:
+    """Dice of each class from a class_confusion matrix; NaN for a class in neither prediction nor target."""
+    return _per_class(matrix, dice_like=True)
+
+
+def mean_iou(matrix: np.ndarray, classes_idx: Sequence[int]) -> float:
+    """Mean IoU over the classes `classes_idx` that have a score (NaN when none has)."""
+    scores = per_class_iou(matrix)[list(classes_idx)]
+    scores = scores[~np.isnan(scores)]
+    return float(scores.mean()) if scores.size else float("nan")

@@ -2,7 +2,8 @@
 
 params.yaml `models:` maps a model name to a cfg whose `arch` picks an entry of ARCHITECTURES, so a
 second variant of one architecture is just another name (`unetpp_r50: {arch: unetpp, encoder: resnet50}`).
-Every model returns logits of shape (B, 1, H, W) at the input's H, W.
+Every model returns logits of shape (B, outputs, H, W) at the input's H, W: one channel for the person task,
+one per class for the characters task (charseg.task).
 """
 from __future__ import annotations
 
@@ -28,15 +29,15 @@ from charseg.config import ARCH_OPTIONS, MODEL_KEYS
 from charseg.errors import CharsegError
 from charseg.io import write_bytes_atomic
 from charseg.layout import train_output_name
+from charseg.task import THRESHOLD, Task, person_task, task_of_checkpoint
 
 CHECKPOINT_FORMAT = "charseg-checkpoint"
 CHECKPOINT_VERSION = 1
-THRESHOLD = 0.5
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # Keys of a models.<name> cfg that are ours (params.MODEL_KEYS); anything else is passed to the
 # architecture's constructor.
-# Constructor options charseg fixes: 3-channel RGB in, one logit map out (no activation, no aux head).
+# Constructor options charseg fixes: 3-channel RGB in, the task's logit maps out (no activation, no aux head).
 _FIXED_OPTIONS = {"self", "encoder_name", "encoder_weights", "in_channels", "classes", "activation", "aux_params"}
 
 
@@ -57,7 +58,7 @@ class Architecture:
 class DinoV2FPN(nn.Module):
     def __init__(self, encoder_name: str = "vit_small_patch14_dinov2", encoder_weights: str | None = None,
                  pyramid_channels: int = 256, segmentation_channels: int = 128, dropout: float = 0.2,
-                 block_indices: list[int] | None = None) -> None:
+                 block_indices: list[int] | None = None, classes: int = 1) -> None:
         super().__init__()
         self.encoder = timm.create_model(f"{encoder_name}.{encoder_weights}" if encoder_weights else encoder_name,
                                          pretrained=encoder_weights is not None, dynamic_img_size=True)
@@ -78,7 +79,7 @@ class DinoV2FPN(nn.Module):
         self.decoder = FPNDecoder(encoder_channels=channels, encoder_depth=3,
                                   pyramid_channels=pyramid_channels,
                                   segmentation_channels=segmentation_channels, dropout=dropout)
-        self.segmentation_head = SegmentationHead(self.decoder.out_channels, 1, kernel_size=1, upsampling=4)
+        self.segmentation_head = SegmentationHead(self.decoder.out_channels, classes, kernel_size=1, upsampling=4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -188,8 +189,9 @@ def _check_extra(arch_name: str, arch: Architecture, extra: dict[str, Any], name
                            f"{arch.constructor.__name__} does not accept; it accepts {sorted(accepted)}")
 
 
-def build_model(cfg: dict[str, Any], *, pretrained: bool = True, name: str = "<name>") -> nn.Module:
-    """The model for one `models.<name>` cfg; pretrained=False never downloads (checkpoint loading)."""
+def build_model(cfg: dict[str, Any], *, pretrained: bool = True, name: str = "<name>", outputs: int = 1) -> nn.Module:
+    """The model for one `models.<name>` cfg with `outputs` logit channels (Task.outputs); pretrained=False
+    never downloads (checkpoint loading)."""
     arch_name, arch = _arch(cfg, name)
     encoder = _encoder(cfg, name)
     weights = cfg.get("encoder_weights")
@@ -201,7 +203,7 @@ def build_model(cfg: dict[str, Any], *, pretrained: bool = True, name: str = "<n
     elif encoder.startswith("tu-") and weights is not None:
         weights = True  # timm-universal encoders name their pretrained tag in the encoder name
     try:
-        model = arch.constructor(encoder_name=encoder, encoder_weights=weights, **extra)
+        model = arch.constructor(encoder_name=encoder, encoder_weights=weights, classes=int(outputs), **extra)
     except (OSError, HfHubHTTPError) as err:
         raise _weights_error(encoder, str(weights), err, name) from err
     depth = extra.get("encoder_depth", inspect.signature(arch.constructor).parameters.get("encoder_depth"))
@@ -293,14 +295,17 @@ def param_groups(model: nn.Module, cfg: dict[str, Any], lr: float, weight_decay:
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, cfg: dict[str, Any],
                     img_size: int, mean: list[float], std: list[float], epoch: int, val_dice: float,
-                    **extra: Any) -> None:
-    """Everything predict/evaluate need to rebuild the model and its preprocessing, written atomically."""
+                    task: Task | None = None, **extra: Any) -> None:
+    """Everything predict/evaluate need to rebuild the model and its preprocessing, written atomically.
+    `task` (default person) is stored as its name and class list (meta keys `task`, `classes`)."""
+    task = task or person_task()
     arch_name, _ = _arch(cfg, model_name)
     payload = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model_name": model_name, "arch": arch_name, "encoder": _encoder(cfg, model_name), "cfg": dict(cfg),
         "img_size": int(img_size), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-        "threshold": THRESHOLD, "epoch": int(epoch), "val_dice": float(val_dice), **extra,
+        "threshold": THRESHOLD, "epoch": int(epoch), "val_dice": float(val_dice),
+        "task": task.name, "classes": list(task.classes), **extra,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     buffer = io.BytesIO()
@@ -338,7 +343,10 @@ def load_checkpoint(path: str | Path, *, expect_arch: str | None = None, model_n
                                f"use a checkpoint of a '{expect_arch}' model, or retrain this one with "
                                f"`dvc repro train@{name}` if its arch in params.yaml changed" if name else
                                f"pass a valid --checkpoint of a '{expect_arch}' model"))
-    model = build_model(payload["cfg"], pretrained=False, name=payload["model_name"])
+    # Checkpoints from before the characters task have no task: they are person-task models.
+    task = task_of_checkpoint(payload)
+    payload["task"], payload["classes"] = task.name, list(task.classes)
+    model = build_model(payload["cfg"], pretrained=False, name=payload["model_name"], outputs=task.outputs)
     try:
         model.load_state_dict(payload.pop("state_dict"))
     except RuntimeError as err:

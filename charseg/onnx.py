@@ -1,15 +1,17 @@
 """ONNX export of a charseg model, and an ONNX Runtime segmenter that `charseg predict --onnx` runs.
 
 The exported file is self-describing: the checkpoint metadata (model_name, arch, encoder, img_size, mean,
-std, threshold, ...) travels in its metadata_props under "charseg", so an .onnx file alone rebuilds the
-preprocessing, with no params.yaml. Graph: input "image" (B, 3, S, S) float32, normalised; output "logits"
-(B, 1, S, S); B is dynamic, S is the checkpoint's img_size.
+std, threshold, task, classes, ...) travels in its metadata_props under "charseg", so an .onnx file alone
+rebuilds the preprocessing and knows its classes, with no params.yaml. Graph: input "image" (B, 3, S, S)
+float32, normalised; output "logits" (B, C, S, S): C = 1 for the person task (sigmoid), one channel per class
+of `classes` for the characters task (softmax); B is dynamic, S is the checkpoint's img_size.
 
 OnnxSegmenter runs the model on onnxruntime instead of torch (often faster on the CPU, and the same
 file serves other runtimes), but it is not torch-free: charseg's device policy (charseg.device) and
 preprocessing (charseg.data) import torch, so `charseg predict --onnx` needs the same install as the
 rest of charseg. A torch-free deployment needs only this file's graph and metadata contract:
-resize to S x S, normalise with the metadata's mean/std, run, sigmoid, resize back, threshold.
+resize to S x S, normalise with the metadata's mean/std, run, sigmoid (person) or softmax over the channels
+(characters), resize back, threshold (person) or argmax (characters; class i is classes[i]).
 """
 from __future__ import annotations
 
@@ -24,16 +26,15 @@ import torch
 
 from charseg.device import ORT_CPU, ORT_CUDA
 from charseg.errors import CharsegError
+from charseg.inference import logits_to_probabilities
 from charseg.io import file_sha256, write_bytes_atomic
 from charseg.layout import PROJECT
+from charseg.ort import DEFAULT_OPSET, MIN_OPSET, ort_session
+from charseg.task import Task, probabilities, task_of_checkpoint
 
 METADATA_KEY = "charseg"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-# The exporter's native opset in torch 2.14; pinned so that a torch upgrade does not silently change
-# which runtimes can load the files; --opset 18 for runtimes that stop there.
-DEFAULT_OPSET = 20
-MIN_OPSET = 18  # the dynamo exporter's oldest; below it, torch writes 18 anyway after a failed conversion
 # Gate on probabilities, not logits: the two runtimes' float32 kernels differ by up to ~6e-4 on logits
 # (unetpp at 512 px), a gap that grows with depth and size yet is harmless, while a probability off by
 # < 1e-3 can only flip pixels whose probability is within 1e-3 of the threshold.
@@ -51,21 +52,8 @@ class ExportReport:
     opset: int
     check_batch: int
     max_abs_logits: float   # onnxruntime vs torch on the same random batch
-    max_abs_probs: float    # the same after the sigmoid; what `tolerance` applies to
+    max_abs_probs: float    # the same after the sigmoid (person) or softmax (characters); what `tolerance` applies to
     tolerance: float
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Sigmoid without exp overflow warnings on large negative logits (tanh form, same dtype)."""
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))
-
-
-def ort_session(model: str | bytes, providers: Sequence[Any], threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT's provider-assignment warnings are noise here
-    if threads:
-        options.intra_op_num_threads = threads  # None/0: ORT's default, one thread per physical core
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
 
 def export_onnx(model: torch.nn.Module, meta: dict[str, Any], path: str | Path, *, opset: int = DEFAULT_OPSET,
@@ -74,21 +62,24 @@ def export_onnx(model: torch.nn.Module, meta: dict[str, Any], path: str | Path, 
     probabilities match torch's within `tolerance` on a random batch; raises CharsegError otherwise.
 
     `meta` is the checkpoint metadata from models.load_checkpoint; the sha256 of `source_checkpoint`
-    is added to it so an .onnx file can be traced back to the exact checkpoint it came from.
+    is added to it so an .onnx file can be traced back to the exact checkpoint it came from, and its task and
+    classes (charseg.task; an old checkpoint without them is a person-task one) so OnnxSegmenter knows them.
     """
     path = Path(path)
     size = int(meta["img_size"])
     name = meta.get("model_name", "model")
     if opset < MIN_OPSET:
         raise CharsegError(f"--opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer")
+    task = task_of_checkpoint(meta)
     stored = {k: v for k, v in meta.items() if k not in ("format", "version")}  # the checkpoint file's markers
+    stored.update(task=task.name, classes=list(task.classes))
     if source_checkpoint is not None:
         stored["checkpoint_sha256"] = file_sha256(source_checkpoint)
 
     model = model.eval()
     generator = torch.Generator().manual_seed(0)  # the example batch, then the check batch
     data = _onnx_bytes(model, stored, size, opset, name, generator)
-    logits_diff, probs_diff = _parity(model, data, size, name, generator)
+    logits_diff, probs_diff = _parity(model, data, size, name, task, generator)
     if not probs_diff <= tolerance:  # written this way so that NaN fails too
         raise CharsegError(f"ONNX export of {name} failed the parity check on a batch of {CHECK_BATCH}: "
                            f"max |prob difference| {probs_diff:.3g} > tolerance {tolerance:g} (max |logit "
@@ -126,22 +117,24 @@ def _onnx_bytes(model: torch.nn.Module, stored: dict[str, Any], size: int, opset
     return proto.SerializeToString()
 
 
-def _parity(model: torch.nn.Module, data: bytes, size: int, name: str,
+def _parity(model: torch.nn.Module, data: bytes, size: int, name: str, task: Task,
             generator: torch.Generator) -> tuple[float, float]:
     """(max |logit difference|, max |probability difference|) of onnxruntime running `data` against torch
     on a random batch of CHECK_BATCH: checked on the exact bytes that will be written."""
     batch = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
     with torch.no_grad():
-        expected = model(batch.to(next(model.parameters()).device)).float().cpu().numpy().astype(np.float64)
+        expected = model(batch.to(next(model.parameters()).device)).double().cpu()
     try:
         session = ort_session(data, [ORT_CPU], None)
     except Exception as err:  # ORT's own exception types, e.g. an opset newer than this onnxruntime
         raise CharsegError(f"onnxruntime {ort.__version__} cannot load the exported {name} "
                            f"({str(err).splitlines()[0]}): try a lower --opset") from err
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0].astype(np.float64)
+    got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]).double()
     if got.shape != expected.shape:
-        raise CharsegError(f"ONNX export of {name}: onnxruntime returned shape {got.shape}, torch {expected.shape}")
-    return float(np.abs(got - expected).max()), float(np.abs(sigmoid(got) - sigmoid(expected)).max())
+        raise CharsegError(f"ONNX export of {name}: onnxruntime returned shape {tuple(got.shape)}, torch "
+                           f"{tuple(expected.shape)}")
+    probs_diff = (probabilities(task, got) - probabilities(task, expected)).abs().max()
+    return float((got - expected).abs().max()), float(probs_diff)
 
 
 def export_command(path: Path, model_name: str, *, overwrite: bool = False) -> str:
@@ -153,8 +146,8 @@ def export_command(path: Path, model_name: str, *, overwrite: bool = False) -> s
 
 
 class OnnxSegmenter:
-    """The Segmenter protocol (charseg.inference) on ONNX Runtime: a normalised (B, 3, S, S)
-    float32 batch in, foreground probabilities (B, S, S) float32 out."""
+    """The Segmenter protocol (charseg.inference) on ONNX Runtime: a normalised (B, 3, S, S) float32 batch in,
+    probabilities float32 out: (B, S, S) foreground (person task), (B, C, S, S) per class (characters task)."""
 
     def __init__(self, path: str | Path, providers: Sequence[Any] | None = None, *, threads: int | None = None,
                  model_name: str | None = None):
@@ -188,6 +181,11 @@ class OnnxSegmenter:
         self.providers: list[str] = self.session.get_providers()
         self.meta = self._read_meta(path)
         self.img_size = int(self.meta["img_size"])
+        try:
+            self.task = task_of_checkpoint(self.meta)  # files exported before the characters task: person
+        except CharsegError as err:
+            raise CharsegError(f"{path}: its charseg metadata names no usable task ({err}): "
+                               f"{self._fix(path)}") from None
 
     def _read_meta(self, path: Path) -> dict[str, Any]:
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -216,4 +214,4 @@ class OnnxSegmenter:
             raise ValueError(f"expected a (B, {', '.join(map(str, expected))}) batch, got {batch.shape}")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        return sigmoid(logits[:, 0])
+        return logits_to_probabilities(self.task, torch.from_numpy(logits))

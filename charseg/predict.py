@@ -12,6 +12,12 @@ default ./params.yaml) and --model names one of its models, the file must hold t
   runs the model on every Nth frame, the frames between reuse its mask; --smooth ALPHA averages
   probabilities over consecutive inferred frames (exponential moving average) before thresholding.
 
+A characters-task model (charseg.task) writes each mask as a colour PNG, every pixel its class's colour
+(task.palette: background black, other grey), and its overlay tints each class in that colour and writes the
+character's name at its largest region. --per-character adds one 0/255 PNG per class but background (each
+character and `other`) next to each mask: `<stem>_<class>.mask.png` for images, `<frame:06d>_<class>.png` in
+the masks folder of a video (class names slugified; it implies --save-masks).
+
 Decoding, inference and encoding overlap: a reader thread decodes and preprocesses, the main thread runs
 the model on batches, a writer thread draws overlays and encodes, with bounded queues between them, so the
 slowest of the three sets the pace (benchmarks/bench_predict.py). Outputs are built in temporary siblings
@@ -26,6 +32,7 @@ import queue
 import re
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +43,11 @@ from tqdm import tqdm
 
 from charseg.device import ort_providers, select_device
 from charseg.errors import CharsegError, require, warn
-from charseg.inference import Segmenter, Smoother, TorchSegmenter, configured_arch, infer_masks, preprocess
-from charseg.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming
+from charseg.inference import (Segmenter, Smoother, TorchSegmenter, configured_arch, infer_class_maps, preprocess,
+                               segmenter_task)
+from charseg.io import atomic_dir, atomic_path, check_video, check_writable, imread, imwrite_atomic, naming, slugify
 from charseg.layout import PROJECT
+from charseg.task import PERSON, Task, palette
 from charseg.video import VideoInfo, is_video_file, looks_truncated, probe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -68,6 +77,71 @@ def overlay(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return cv2.drawContours(out, contours, -1, TINT, max(1, round(max(frame.shape[:2]) / 640)), cv2.LINE_8)
 
 
+def _label_text(name: str) -> str:
+    # OpenCV's Hershey fonts draw ASCII only: 'Zoë' is written 'Zoe' (slugify when nothing ASCII is left).
+    return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii").strip() or slugify(name)
+
+
+def _draw_name(image: np.ndarray, text: str, centre: tuple[float, float]) -> None:
+    """`text` centred on `centre` (x, y), white on a black outline (readable on any tint), kept inside the image."""
+    scale = max(0.35, max(image.shape[:2]) / 1400)
+    thickness = max(1, round(scale * 1.5))
+    (width, height), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    x = int(np.clip(centre[0] - width / 2, 0, max(0, image.shape[1] - width)))
+    y = int(np.clip(centre[1] + height / 2, height, image.shape[0] - 1))
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+def class_overlay(frame: np.ndarray, ids: np.ndarray, colours: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """The BGR frame with each class's pixels (ids > 0) tinted in its BGR colour and outlined, and the class's
+    name written at the centroid of its largest connected region."""
+    tinted = cv2.addWeighted(frame, 1 - TINT_ALPHA, colours[ids], TINT_ALPHA, 0)
+    out = cv2.copyTo(tinted, ids, frame.copy())
+    thickness = max(1, round(max(frame.shape[:2]) / 640))
+    for k in np.unique(ids)[1:] if ids.any() else []:
+        mask = (ids == k).view(np.uint8)
+        colour = tuple(int(c) for c in colours[k])
+        contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, thickness, cv2.LINE_8)
+        _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        _draw_name(out, _label_text(names[k]), tuple(centroids[largest]))
+    return out
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a frame's class ids (inference.class_ids) become its mask files and its overlay, by task."""
+    task: Task
+    per_character: bool = False  # characters task: also one 0/255 mask per class but background
+
+    @functools.cached_property
+    def colours(self) -> np.ndarray:
+        """(classes, 3) uint8 BGR: task.palette, in OpenCV's channel order."""
+        return np.ascontiguousarray(palette(self.task)[:, ::-1])
+
+    @functools.cached_property
+    def suffixes(self) -> dict[int, str]:
+        """Class id -> the suffix of its own mask file, `_<slugified name>`, for every class but background."""
+        return {k: f"_{slugify(name)}" for k, name in enumerate(self.task.classes) if k > 0}
+
+    def masks(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """File-name suffix -> image: "" the frame's mask (person 0/255; characters each pixel in its class's
+        colour), and with per_character "_<class>" a 0/255 mask per class."""
+        if self.task.name == PERSON:
+            return {"": ids * np.uint8(255)}
+        files = {"": self.colours[ids]}
+        if self.per_character:
+            files.update({suffix: (ids == k).view(np.uint8) * np.uint8(255) for k, suffix in self.suffixes.items()})
+        return files
+
+    def overlay(self, frame: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        if self.task.name == PERSON:
+            return overlay(frame, ids)  # any non-zero pixel is the mask
+        return class_overlay(frame, ids, self.colours, self.task.classes)
+
+
 def output_stems(images: list[Path]) -> dict[Path, str]:
     """Output name of each image: its stem, or its full file name for all when two stems would collide."""
     stems = [p.stem.lower() for p in images]  # lower: macOS and Windows filesystems ignore case
@@ -75,19 +149,21 @@ def output_stems(images: list[Path]) -> dict[Path, str]:
 
 
 def predict_images(segmenter: Segmenter, images: list[Path], out_dir: Path, *, threshold: float,
-                   batch_size: int = 8, progress: bool = True) -> None:
-    """Mask and overlay of every image, into out_dir (built aside, swapped in when all are written)."""
+                   batch_size: int = 8, per_character: bool = False, progress: bool = True) -> None:
+    """Mask(s) and overlay of every image, into out_dir (built aside, swapped in when all are written)."""
     stems = output_stems(images)
+    rendering = Rendering(segmenter_task(segmenter), per_character)
     with atomic_dir(out_dir) as tmp, tqdm(total=len(images), desc="predict", unit="image",
                                           disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             paths = images[start:start + batch_size]
             frames = [_read_image(p) for p in paths]
             batch = preprocess([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames], segmenter.meta)
-            masks = infer_masks(segmenter, batch, [f.shape[:2] for f in frames], threshold)
-            for path, frame, mask in zip(paths, frames, masks):
-                imwrite_atomic(tmp / f"{stems[path]}{MASK_SUFFIX}", mask)
-                imwrite_atomic(tmp / f"{stems[path]}{OVERLAY_SUFFIX}", overlay(frame, mask),
+            class_maps = infer_class_maps(segmenter, batch, [f.shape[:2] for f in frames], threshold)
+            for path, frame, ids in zip(paths, frames, class_maps):
+                for suffix, mask in rendering.masks(ids).items():
+                    imwrite_atomic(tmp / f"{stems[path]}{suffix}{MASK_SUFFIX}", mask)
+                imwrite_atomic(tmp / f"{stems[path]}{OVERLAY_SUFFIX}", rendering.overlay(frame, ids),
                                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             bar.update(len(paths))
 
@@ -165,23 +241,24 @@ def _read(pipe: _Pipeline, info: VideoInfo, every: int, meta: dict[str, Any], de
 
 
 def _write(pipe: _Pipeline, encoded: queue.Queue, path: Path, fourcc: str, fps: float, masks_dir: Path | None,
-           bar: tqdm) -> None:
+           rendering: Rendering, bar: tqdm) -> None:
     writer, size = None, None
     try:
         while (item := pipe.get(encoded)) is not _END:
-            index, image, mask = item
+            index, image, ids = item
             # Sized by the decoded frames, not the container: with rotation metadata the two can differ
             # (whether OpenCV auto-rotates depends on its version).
             if writer is None:
                 size = (image.shape[1], image.shape[0])
                 writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
                 require(writer.isOpened(), f"OpenCV cannot write {fourcc} video to {path}: try a .avi or .mp4 output")
-            frame = overlay(image, mask)
+            frame = rendering.overlay(image, ids)
             if (frame.shape[1], frame.shape[0]) != size:  # VideoWriter silently drops frames of another size
                 frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
             writer.write(frame)
             if masks_dir is not None:
-                imwrite_atomic(masks_dir / f"{index:06d}.png", mask)
+                for suffix, mask in rendering.masks(ids).items():
+                    imwrite_atomic(masks_dir / f"{index:06d}{suffix}.png", mask)
             bar.update()
     except BaseException as err:  # noqa: BLE001
         pipe.fail(err)
@@ -198,12 +275,13 @@ class VideoResult:
 
 def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, threshold: float, batch_size: int = 8,
                   every: int = 1, smooth: float | None = None, masks_dir: Path | None = None,
-                  progress: bool = True) -> VideoResult:
+                  per_character: bool = False, progress: bool = True) -> VideoResult:
     """Overlay video of `info.path` at its fps and size, frame for frame (and per-frame masks in masks_dir).
 
     One function on purpose: the batching loop and run_pending share the pending frames, the last mask and the
     counts, and the threads' start, stop and join must sit in one try/finally with the atomic outputs."""
     fourcc = CODECS[output.suffix.lower()]
+    rendering = Rendering(segmenter_task(segmenter), per_character)
     smoother, pipe = Smoother(smooth), _Pipeline()
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     encoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
@@ -217,22 +295,23 @@ def predict_video(segmenter: Segmenter, info: VideoInfo, output: Path, *, thresh
             (atomic_dir(masks_dir) if masks_dir else contextlib.nullcontext()) as tmp_masks:
         bar = tqdm(total=info.reported_frames or None, desc="predict", unit="frame", disable=not progress)
         threads = [threading.Thread(target=_read, args=(pipe, info, every, segmenter.meta, decoded), daemon=True),
-                   threading.Thread(target=_write, args=(pipe, encoded, tmp_video, fourcc, info.fps, tmp_masks, bar),
-                                    daemon=True)]
+                   threading.Thread(target=_write, args=(pipe, encoded, tmp_video, fourcc, info.fps, tmp_masks,
+                                                         rendering, bar), daemon=True)]
         try:
             for thread in threads:
                 thread.start()
             pending: list[_Frame] = []
-            last_mask: np.ndarray | None = None
+            last_ids: np.ndarray | None = None  # the class ids of the last inferred frame
 
             def run_pending() -> None:
-                nonlocal last_mask, frames, inferred
+                nonlocal last_ids, frames, inferred
                 seen = [f for f in pending if f.batch is not None]
-                masks = iter(infer_masks(segmenter, np.concatenate([f.batch for f in seen]),
-                                         [f.image.shape[:2] for f in seen], threshold, smoother) if seen else [])
+                class_maps = iter(infer_class_maps(segmenter, np.concatenate([f.batch for f in seen]),
+                                                   [f.image.shape[:2] for f in seen], threshold, smoother)
+                                  if seen else [])
                 for frame in pending:
-                    last_mask = next(masks) if frame.batch is not None else last_mask
-                    pipe.put(encoded, (frame.index, frame.image, last_mask))
+                    last_ids = next(class_maps) if frame.batch is not None else last_ids
+                    pipe.put(encoded, (frame.index, frame.image, last_ids))
                 frames, inferred = frames + len(pending), inferred + len(seen)
                 pending.clear()
 
@@ -327,7 +406,7 @@ def probe_input(path: Path) -> VideoInfo:
 
 
 def _ours(name: str) -> bool:
-    return name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)) or re.fullmatch(r"\d+\.png", name) is not None
+    return name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)) or re.fullmatch(r"\d+(_[\w-]+)?\.png", name) is not None
 
 
 def check_output(path: Path, *, is_dir: bool, overwrite: bool, source: Path) -> None:
@@ -385,20 +464,34 @@ def plan_job(source: Path, output: Path, *, overwrite: bool, save_masks: bool, v
     return Job(kind, inputs, output, None, None)
 
 
+def check_task_options(segmenter: Segmenter, label: str, *, per_character: bool, threshold: float | None) -> None:
+    """--per-character needs a characters-task model; --threshold means nothing to one (argmax over classes)."""
+    task = segmenter_task(segmenter)
+    if task.name == PERSON:
+        require(not per_character, f"--per-character: {label} was trained for the person task (one mask of "
+                                   f"everyone), so it has no characters to write apart: run a model of the "
+                                   f"characters task (train it with `dvc exp run -S task=characters`), or drop "
+                                   f"--per-character")
+    elif threshold is not None:
+        warn(f"--threshold: {label} is a characters-task model, each pixel takes its most probable class: ignored")
+
+
 def run_job(job: Job, segmenter: Segmenter, *, threshold: float | None, batch_size: int, every: int,
-            smooth: float | None, label: str) -> str:
+            smooth: float | None, label: str, per_character: bool = False) -> str:
     """Segment the job's inputs; returns the one-line summary."""
     threshold = segmenter.meta["threshold"] if threshold is None else threshold
     runtime = f"{label}, " + (f"torch on {segmenter.device}" if isinstance(segmenter, TorchSegmenter)
                               else f"onnxruntime on {segmenter.providers[0]}")
     start = time.perf_counter()
     if job.kind == "images":
-        predict_images(segmenter, job.inputs, job.output, threshold=threshold, batch_size=batch_size)
+        predict_images(segmenter, job.inputs, job.output, threshold=threshold, batch_size=batch_size,
+                       per_character=per_character)
         rate = len(job.inputs) / (time.perf_counter() - start)
-        return (f"predict: {len(job.inputs)} image(s) -> {job.output}/ (<name>{MASK_SUFFIX} + <name>{OVERLAY_SUFFIX}), "
-                f"{rate:.1f} images/s ({runtime})")
+        each = f" + <name>_<class>{MASK_SUFFIX}" if per_character else ""
+        return (f"predict: {len(job.inputs)} image(s) -> {job.output}/ (<name>{MASK_SUFFIX}{each} + "
+                f"<name>{OVERLAY_SUFFIX}), {rate:.1f} images/s ({runtime})")
     result = predict_video(segmenter, job.info, job.output, threshold=threshold, batch_size=batch_size,
-                           every=every, smooth=smooth, masks_dir=job.masks_dir)
+                           every=every, smooth=smooth, masks_dir=job.masks_dir, per_character=per_character)
     rate = result.frames / (time.perf_counter() - start)
     masks = f" + masks in {job.masks_dir}/" if job.masks_dir else ""
     return (f"predict: {result.frames} frames of {job.inputs[0]} -> {job.output}{masks}; model ran on "
@@ -427,6 +520,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="video: average probabilities over consecutive inferred frames (weight ALPHA in (0, 1] "
                              "for the newest) to cut mask flicker; lower is smoother but lags motion. Default off")
     parser.add_argument("--save-masks", action="store_true", help="video: also write <output stem>.masks/<frame>.png")
+    parser.add_argument("--per-character", action="store_true",
+                        help="characters-task models: also one 0/255 mask per class (each character, other) per "
+                             "frame: <name>_<class>.mask.png, or <frame>_<class>.png in a video's masks folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--params", type=Path,
                         help="checks the model file against models.NAME.arch (default: ./params.yaml if there is one)")
@@ -442,9 +538,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     source = choose_model(args.model, args.checkpoint, args.onnx, args.params)
-    job = plan_job(args.input, args.output, overwrite=args.overwrite, save_masks=args.save_masks,
+    job = plan_job(args.input, args.output, overwrite=args.overwrite, save_masks=args.save_masks or args.per_character,
                    video_only={"every": args.every != 1, "smooth": args.smooth is not None,
                                "save-masks": args.save_masks})
     segmenter = load_segmenter(source, device=args.device, amp=args.amp)
+    label = source.name or segmenter.meta.get("model_name", "model")
+    check_task_options(segmenter, label, per_character=args.per_character, threshold=args.threshold)
     print(run_job(job, segmenter, threshold=args.threshold, batch_size=args.batch_size, every=args.every,
-                  smooth=args.smooth, label=source.name or segmenter.meta.get("model_name", "model")))
+                  smooth=args.smooth, label=label, per_character=args.per_character))

@@ -4,9 +4,17 @@
     charseg sample --remove                         # make room for your own videos
     charseg sample --repro params.sample.yaml       # what `make repro` runs
 
-Writes `<out>/videos/<character>/<clip>` and the ground truth of every frame in
-`<out>/truth/<character>/<clip stem>/<frame_index:06d>.png` (0/255, union of all figures) with
-`<out>/truth/index.csv` (video,frame_index,mask).
+Writes `<out>/videos/<character>/<clip>` and the ground truth of every frame: the person mask
+`<out>/truth/<character>/<clip stem>/<frame_index:06d>.png` (0/255, union of all figures) and the
+per-character mask `<frame_index:06d>_characters.png` beside it (uint8: 0 nobody, else the value of the
+figure's character in `<out>/truth/characters.json`, {"Zoë": 1, "alice": 2, "bob": 3, "other": 4}; the
+nearer figure's value where figures overlap), both listed in `<out>/truth/index.csv`
+(video,frame_index,mask,character_mask). The person mask is exactly (character mask > 0).
+
+Each named character has one look (costume colours and pattern, from the seed and its name) in all its
+clips; passers-by ("other") get new looks every time. Every scene shows the folder's character; in about
+a third of the scenes another named character (a guest, with its own look) shares the frame, and every
+character is a guest at least once, so identity can be checked on frames with several characters.
 
 The clips imitate what breaks naive pipelines: 23.976/25/29.97 fps, 4:3 and 16:9 frame sizes, .mp4 and .mov
 (MPEG-4 part 2) and .avi (Motion JPEG) containers, a non-ASCII character name and a file name with a
@@ -16,7 +24,7 @@ person-shaped (head, torso, swinging limbs) with their own clothing textures, ov
 similar colours, so a segmentation model has to learn shape and texture rather than one colour.
 
 Everything is a pure function of the seed: the same seed gives byte-identical videos and truth PNGs.
-Textures are smooth (gradients, stripes, low-frequency noise) so the whole sample stays around 3 MB.
+Textures are smooth (gradients, stripes, low-frequency noise) so the whole sample stays around 4 MB.
 """
 from __future__ import annotations
 
@@ -36,12 +44,16 @@ import numpy as np
 from charseg.errors import CharsegError
 from charseg.config import PARAMS_FILE, flatten, load_params, parse_yaml
 from charseg.io import atomic_dir, imwrite_atomic, write_csv, write_json, write_text_atomic
-from charseg.layout import PROJECT
+from charseg.labels.imported import CHARACTERS_FILE
+from charseg.layout import OTHER, PROJECT
 from charseg.video import is_video_file
 
 # .mkv/.webm are not used: ffmpeg's Matroska muxer writes random UIDs, so the bytes would differ per run.
 FOURCC = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v"}
 PNG_1BIT = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 9]  # reads back as 0/255 uint8
+# Run-length zlib: a few % larger than the default strategy on flat value maps, but 4x faster to write.
+PNG_VALUES = [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+CHARACTER_MASK_SUFFIX = "_characters.png"  # <frame_index:06d>_characters.png beside the 0/255 mask
 MARKER = ".charseg-sample.json"  # in <out>/videos: tells a generated sample from the user's own videos
 
 
@@ -65,6 +77,13 @@ CLIPS = (
 
 # Figure labels drawn into a patch; the union of non-zero labels is the person mask.
 SKIN, SHIRT, TROUSERS = 1, 2, 3
+
+# Pixel value of each character in the per-character truth (characters.json): the named characters (the
+# folder names) in sorted order from 1, then `other` for every passer-by.
+NAMED_CHARACTERS = tuple(sorted({spec.character for spec in CLIPS}))
+CHARACTER_VALUES = {**{name: value for value, name in enumerate(NAMED_CHARACTERS, start=1)},
+                    OTHER: len(NAMED_CHARACTERS) + 1}
+SCENES_PER_CLIP = 2  # each clip has one hard cut
 
 
 def _colour(rng: np.random.Generator, sat: tuple[int, int] = (40, 200),
@@ -141,8 +160,10 @@ class Figure:
     t_enter: float
     t_leave: float
     phase: float
+    value: int           # CHARACTER_VALUES of who this is, written into the per-character truth
 
-    def draw(self, t: float, frame: np.ndarray, mask: np.ndarray) -> None:
+    def draw(self, t: float, frame: np.ndarray, values: np.ndarray) -> None:
+        """Paint the figure at time t into frame, and its value into the per-character map `values`."""
         if not self.t_enter <= t < self.t_leave:
             return
         h = self.height
@@ -170,7 +191,7 @@ class Figure:
 
         x = self.start_x + self.speed * (t - self.t_enter) + (0 if walking else 3 * math.sin(step))
         x0, y0 = round(x - pw / 2), round(self.feet_y - (ph - 2))
-        fh, fw = mask.shape
+        fh, fw = values.shape
         sx0, sy0, sx1, sy1 = max(0, -x0), max(0, -y0), min(pw, fw - x0), min(ph, fh - y0)
         if sx0 >= sx1 or sy0 >= sy1:
             return
@@ -179,7 +200,7 @@ class Figure:
         region = frame[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1]
         rows, cols = np.nonzero(inside)
         region[inside] = self.patches[crop[inside], rows + sy0, cols + sx0]
-        mask[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][inside] = 255
+        values[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][inside] = self.value
 
 
 _LOOKS_HEIGHT = 120  # looks are drawn once at this figure height and resized, so a character is recognisable
@@ -203,7 +224,49 @@ def _sized(looks: np.ndarray, height: float) -> np.ndarray:
     return np.stack([cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR) for patch in looks])
 
 
-def _figures(rng: np.random.Generator, main_looks: np.ndarray, width: int, height: int,
+def character_looks(seed: int, character: str) -> np.ndarray:
+    """A named character's looks: the same in every clip of the sample, whoever's clip it appears in."""
+    return _looks(np.random.default_rng([seed, zlib.crc32(character.encode("utf-8"))]))
+
+
+_GUEST_STREAM = zlib.crc32(b"guests")  # seeds the guests' random numbers apart from the clips' own
+
+
+def guest_plan(seed: int) -> dict[tuple[int, int], str]:
+    """(clip number in CLIPS, scene number) -> the named character who guests in that scene.
+
+    Each named character guests in one scene of another character's clip, no scene has two guests: 3 of
+    the sample's 10 scenes, so identity meets frames with two named characters without them dominating.
+    """
+    rng = np.random.default_rng([seed, _GUEST_STREAM])
+    plan: dict[tuple[int, int], str] = {}
+    for name in NAMED_CHARACTERS:
+        free = [(clip_no, scene_no) for clip_no, spec in enumerate(CLIPS) if spec.character != name
+                for scene_no in range(SCENES_PER_CLIP) if (clip_no, scene_no) not in plan]
+        plan[free[int(rng.integers(len(free)))]] = name
+    return plan
+
+
+def _guest(rng: np.random.Generator, looks: np.ndarray, value: int, main: Figure, width: int, height: int,
+           start: float, length: float) -> Figure:
+    """A named character in someone else's scene: a little smaller and farther than the main figure (which
+    stays the scene's main figure), standing beside it or walking through most of the scene."""
+    guest_h = height * rng.uniform(0.5, 0.68)
+    patches = _sized(looks, guest_h)
+    pw = patches.shape[2]
+    feet_y = height * rng.uniform(0.86, 0.95)  # between the passer-by (0.75-0.85) and the main figure
+    if rng.random() < 0.5:
+        side = (0.12 if main.start_x > width / 2 else 0.88) if main.speed == 0 else rng.uniform(0.2, 0.8)
+        return Figure(guest_h, patches, width * (side + rng.uniform(-0.05, 0.05)), 0.0, feet_y,
+                      start, start + length, rng.uniform(0, 6.3), value)
+    direction = 1 if rng.random() < 0.5 else -1
+    t_enter = start + length * rng.uniform(0.0, 0.1)
+    crossing = length * rng.uniform(0.7, 0.85)
+    return Figure(guest_h, patches, -pw / 2 if direction > 0 else width + pw / 2,
+                  direction * (width + pw) / crossing, feet_y, t_enter, t_enter + crossing, rng.uniform(0, 6.3), value)
+
+
+def _figures(rng: np.random.Generator, main_looks: np.ndarray, main_value: int, width: int, height: int,
              start: float, length: float) -> list[Figure]:
     """The character (walking through, or standing in shot all scene) and maybe one passer-by."""
     main_h = height * rng.uniform(0.6, 0.85)
@@ -217,10 +280,11 @@ def _figures(rng: np.random.Generator, main_looks: np.ndarray, width: int, heigh
         speed = direction * (width + pw) / crossing
         start_x = -pw / 2 if direction > 0 else width + pw / 2
         figures.append(Figure(main_h, main_patches, start_x, speed, height * rng.uniform(0.92, 1.05),
-                              t_enter, t_enter + crossing, rng.uniform(0, 6.3)))
+                              t_enter, t_enter + crossing, rng.uniform(0, 6.3), main_value))
     else:
         figures.append(Figure(main_h, main_patches, width * rng.uniform(0.3, 0.7), 0.0,
-                              height * rng.uniform(0.95, 1.1), start, start + length, rng.uniform(0, 6.3)))
+                              height * rng.uniform(0.95, 1.1), start, start + length, rng.uniform(0, 6.3),
+                              main_value))
     if rng.random() < 0.7:
         extra_h = height * rng.uniform(0.35, 0.55)
         patches = _sized(_looks(rng), extra_h)
@@ -230,37 +294,56 @@ def _figures(rng: np.random.Generator, main_looks: np.ndarray, width: int, heigh
         crossing = length * rng.uniform(0.3, 0.45)
         figures.insert(0, Figure(extra_h, patches, -epw / 2 if direction > 0 else width + epw / 2,
                                  direction * (width + epw) / crossing, height * rng.uniform(0.75, 0.85),
-                                 t_enter, t_enter + crossing, rng.uniform(0, 6.3)))
+                                 t_enter, t_enter + crossing, rng.uniform(0, 6.3), CHARACTER_VALUES[OTHER]))
     return figures  # farther (smaller) figure first, so the nearer one occludes it
 
 
-def render_clip(spec: ClipSpec, seed: int, clip_no: int,
-                duration_scale: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (BGR frame, 0/255 mask) for every frame of one clip."""
+def render_clip_characters(spec: ClipSpec, seed: int, clip_no: int,
+                           duration_scale: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (BGR frame, uint8 per-character mask of CHARACTER_VALUES) for every frame of one clip."""
     rng = np.random.default_rng([seed, clip_no])
     width, height = spec.size
     n_frames = max(4, round(spec.seconds * duration_scale * spec.fps))
     duration = n_frames / spec.fps
     cut = n_frames // 2
-    # The character looks the same in every clip; the passers-by do not.
-    main_looks = _looks(np.random.default_rng([seed, zlib.crc32(spec.character.encode("utf-8"))]))
+    # The named characters look the same in every clip; the passers-by do not.
+    main_looks = character_looks(seed, spec.character)
+    guests = guest_plan(seed)
     scenes = []
-    for scene_start, scene_len in ((0.0, cut / spec.fps), (cut / spec.fps, duration - cut / spec.fps)):
+    for scene_no, (scene_start, scene_len) in enumerate(((0.0, cut / spec.fps),
+                                                         (cut / spec.fps, duration - cut / spec.fps))):
         pan_speed = rng.uniform(6, 16) * (1 if rng.random() < 0.5 else -1)
         background = _background(rng, height, width + math.ceil(abs(pan_speed) * scene_len) + 2)
-        scenes.append((scene_start, pan_speed, background,
-                       _figures(rng, main_looks, width, height, scene_start, scene_len)))
+        figures = _figures(rng, main_looks, CHARACTER_VALUES[spec.character], width, height, scene_start, scene_len)
+        guest = guests.get((clip_no, scene_no))
+        if guest:  # its own random numbers, so the scene's other figures are those of a scene without guest
+            guest_rng = np.random.default_rng([seed, _GUEST_STREAM, clip_no, scene_no])
+            figures.insert(-1, _guest(guest_rng, character_looks(seed, guest), CHARACTER_VALUES[guest],
+                                      figures[-1], width, height, scene_start, scene_len))  # behind the main one
+        scenes.append((scene_start, pan_speed, background, figures))
     for index in range(n_frames):
-        frame, mask = np.zeros((height, width, 3), np.uint8), np.zeros((height, width), np.uint8)
+        frame, values = np.zeros((height, width, 3), np.uint8), np.zeros((height, width), np.uint8)
         if index > 0 or not spec.black_first_frame:
             t = index / spec.fps
             scene_start, pan_speed, background, figures = scenes[0 if index < cut else 1]
             offset = round(abs(pan_speed) * (t - scene_start)) if pan_speed > 0 else \
                 background.shape[1] - width - round(abs(pan_speed) * (t - scene_start))
             frame[:] = background[:, offset:offset + width]
-            for figure in figures:
-                figure.draw(t, frame, mask)
-        yield frame, mask
+            for figure in figures:  # far to near: the nearer figure's value wins where they overlap
+                figure.draw(t, frame, values)
+        yield frame, values
+
+
+def render_clip(spec: ClipSpec, seed: int, clip_no: int,
+                duration_scale: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (BGR frame, 0/255 person mask: the union of all figures) for every frame of one clip."""
+    for frame, values in render_clip_characters(spec, seed, clip_no, duration_scale):
+        yield frame, person_mask(values)
+
+
+def person_mask(values: np.ndarray) -> np.ndarray:
+    """The 0/255 person mask of a per-character mask: every figure, whoever it is."""
+    return (values > 0).astype(np.uint8) * 255
 
 
 def generate(out_root: Path, seed: int = 0, duration_scale: float = 1.0) -> list[Path]:
@@ -286,16 +369,21 @@ def generate(out_root: Path, seed: int = 0, duration_scale: float = 1.0) -> list
             if not writer.isOpened():
                 raise CharsegError(f"this OpenCV build cannot write {path.suffix} ({FOURCC[path.suffix]}) video")
             try:
-                for index, (frame, mask) in enumerate(render_clip(spec, seed, clip_no, duration_scale)):
+                frames = render_clip_characters(spec, seed, clip_no, duration_scale)
+                for index, (frame, values) in enumerate(frames):
                     writer.write(frame)
                     mask_rel = Path(spec.character) / Path(spec.filename).stem / f"{index:06d}.png"
+                    characters_rel = mask_rel.with_name(f"{index:06d}{CHARACTER_MASK_SUFFIX}")
                     (truth_tmp / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                    imwrite_atomic(truth_tmp / mask_rel, mask, PNG_1BIT)
-                    index_rows.append({"video": rel.as_posix(), "frame_index": index, "mask": mask_rel.as_posix()})
+                    imwrite_atomic(truth_tmp / mask_rel, person_mask(values), PNG_1BIT)
+                    imwrite_atomic(truth_tmp / characters_rel, values, PNG_VALUES)
+                    index_rows.append({"video": rel.as_posix(), "frame_index": index, "mask": mask_rel.as_posix(),
+                                       "character_mask": characters_rel.as_posix()})
             finally:
                 writer.release()
             written.append(videos_dir / rel)
-        write_csv(truth_tmp / "index.csv", index_rows, ["video", "frame_index", "mask"])
+        write_csv(truth_tmp / "index.csv", index_rows, ["video", "frame_index", "mask", "character_mask"])
+        write_json(truth_tmp / CHARACTERS_FILE, CHARACTER_VALUES)
         write_json(videos_tmp / MARKER, {"generator": "charseg sample", "seed": seed, "duration_scale": duration_scale})
     return written
 
@@ -432,8 +520,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sample: {videos_dir} already holds videos; not generating the sample")
         return
     videos = generate(args.out, seed=args.seed, duration_scale=args.duration_scale)
-    n_masks = len(list((args.out / "truth").rglob("*.png")))
+    n_masks = sum(1 for p in (args.out / "truth").rglob("*.png") if not p.name.endswith(CHARACTER_MASK_SUFFIX))
     size_mb = (_tree_bytes(videos_dir) + _tree_bytes(args.out / "truth")) / 1e6
-    print(f"sample: wrote {len(videos)} videos to {videos_dir} and {n_masks} truth masks to "
-          f"{args.out / 'truth'} ({size_mb:.2f} MB, seed {args.seed})")
+    print(f"sample: wrote {len(videos)} videos to {videos_dir} and the person and per-character truth masks of "
+          f"{n_masks} frames to {args.out / 'truth'} ({size_mb:.2f} MB, seed {args.seed})")
 

@@ -1,7 +1,8 @@
 """DVC stage train@<name>: train one model of params.yaml `models:` on the split.
 
-Reads params.yaml (lr, weight_decay, epochs, batch_size, img_size, seed, train:, models.<name>),
-data/split.json, data/frames/images/ and data/masks/images/; writes models/<name>/best.pt and dvclive/<name>/.
+Reads params.yaml (task, lr, weight_decay, epochs, batch_size, img_size, seed, train:, models.<name>),
+data/split.json, data/frames/images/ and the targets of the task: data/masks/images/ (person) or
+data/identity/images/ and classes.json (characters); writes models/<name>/best.pt and dvclive/<name>/.
 Keeps pre-resized pairs and the resume state (.cache/train/<name>/) in .cache/, outside DVC's outputs.
 Several GPUs: `torchrun --nproc_per_node=N -m stages.train <name>`.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from charseg.config import load_config
 from charseg.errors import run_cli
-from charseg.layout import PROJECT, FramesDir, MasksDir
+from charseg.layout import PROJECT, FramesDir, IdentityDir, MasksDir
 from charseg.train import TrainPaths, train_model
 
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default=str(PROJECT.split))
     parser.add_argument("--frames", default=str(PROJECT.frames.root), help="the frames stage folder")
     parser.add_argument("--masks", default=str(PROJECT.masks.root), help="the masks stage folder")
+    parser.add_argument("--identity", default=str(PROJECT.identity.root),
+                        help="the identity stage folder (read in the characters task)")
     parser.add_argument("--out", default=str(PROJECT.models), help="writes <out>/<model>/best.pt")
     parser.add_argument("--live", default=str(PROJECT.live), help="dvclive logs go to <live>/<model>/")
     parser.add_argument("--cache", default=str(PROJECT.cache),
@@ -33,9 +36,10 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_config(args.params)
     paths = TrainPaths(split=Path(args.split), frames=FramesDir(Path(args.frames)), masks=MasksDir(Path(args.masks)),
-                       models=Path(args.out), live=Path(args.live), cache=Path(args.cache))
+                       identity=IdentityDir(Path(args.identity)), models=Path(args.out), live=Path(args.live),
+                       cache=Path(args.cache))
     try:
-        train_model(params.model_config(args.model), params.train, paths, device=args.device)
+        train_model(params.model_config(args.model), params.train, paths, device=args.device, task=params.task)
     except KeyboardInterrupt:  # unlike other stages, training keeps something: say what and how to use it
         state = paths.resume(args.model).last
         print(f"interrupted: the last finished epoch is kept in {state}; run the same command (or dvc exp run "

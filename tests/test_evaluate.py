@@ -176,7 +176,7 @@ def test_main_reads_params_and_fails_cleanly_on_a_missing_checkpoint(evaluated, 
     (tmp_path / "params.yaml").write_text(
         "models:\n  unetpp: {arch: unetpp, encoder: resnet18, encoder_weights: null}\n"
         "evaluate: {boundary_tolerance_px: 2, latency_warmup: 0, grid_frames: 2}\n"
-        "labels: {truth_dir: null, mask_index: index.csv}\n")
+        "labels: {truth_dir: null, mask_index: index.csv}\ntask: person\n")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, ["--params", str(tmp_path / "params.yaml"), "--split", str(project["split"]),
                        "--frames", str(project["frames"].root), "--masks", str(project["masks"].root),
@@ -194,7 +194,7 @@ def test_main_takes_the_truth_from_labels_truth_dir(evaluated, tmp_path, capsys)
         "models:\n" + "".join(f"  {name}: {{arch: pspnet, encoder: resnet18, encoder_weights: null, "
                               f"psp_out_channels: 16}}\n" for name in CONSTANT_MODELS) +
         "evaluate: {boundary_tolerance_px: 2, latency_warmup: 1, grid_frames: 0}\n"
-        f"labels: {{truth_dir: {project['truth']}, mask_index: index.csv}}\n")
+        f"labels: {{truth_dir: {project['truth']}, mask_index: index.csv}}\ntask: person\n")
     run_cli(main, ["--params", str(tmp_path / "params.yaml"), "--split", str(project["split"]),
                    "--frames", str(project["frames"].root), "--masks", str(project["masks"].root),
                    "--models", str(base / "models"), "--metrics", str(tmp_path / "m"), "--reports", str(tmp_path / "r"),

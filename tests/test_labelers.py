@@ -261,17 +261,23 @@ def test_person_detector_keeps_confident_big_persons_best_first():
 
 def test_label_cache_round_trip_and_damaged_entries_are_misses(tmp_path):
     cache = LabelCache(tmp_path, label_fingerprint({"a": 1}))
-    mask = np.zeros((6, 8), bool)
-    mask[1:4, 2:5] = True
-    label = FrameLabel(mask, np.array([[2, 1, 5, 4]], np.float32), np.array([0.9], np.float32),
-                       np.array([0.8], np.float32))
+    ids = np.zeros((6, 8), np.uint16)
+    ids[1:4, 2:5], ids[4:6, 6:8] = 1, 2  # two persons
+    label = FrameLabel(ids, np.array([[2, 1, 5, 4], [6, 4, 8, 6]], np.float32), np.array([0.9, 0.7], np.float32),
+                       np.array([0.8, 0.6], np.float32))
     key = cache.key(b"frame bytes")
     assert cache.get(key) is None
     cache.put(key, label)
     got = cache.get(key)
-    assert np.array_equal(got.mask, mask) and got.boxes.tolist() == [[2, 1, 5, 4]]
+    assert np.array_equal(got.instances, ids) and np.array_equal(got.mask, ids > 0)
+    assert got.boxes.tolist() == [[2, 1, 5, 4], [6, 4, 8, 6]]
     assert LabelCache(tmp_path, label_fingerprint({"a": 2})).key(b"frame bytes") != key
     assert cache.key(b"other frame") != key
+    # An entry from before instances were kept (only the 0/255 union) serves on, one instance per blob.
+    legacy = tmp_path / key[:2] / f"{key}.ids.png"
+    legacy.rename(legacy.with_name(f"{key}.png"))
+    imwrite_atomic(legacy.with_name(f"{key}.png"), (ids > 0).astype(np.uint8) * 255)
+    assert np.array_equal(cache.get(key).instances, ids)
     (tmp_path / key[:2] / f"{key}.png").write_bytes(b"")  # e.g. a disk that filled up
     assert cache.get(key) is None
     (tmp_path / key[:2] / f"{key}.json").write_text("{trunc")

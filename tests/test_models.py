@@ -10,6 +10,7 @@ from charseg.errors import CharsegError
 from charseg.models import (ARCHITECTURES, IMAGENET_MEAN, build_model, check_img_size, load_checkpoint,
                                normalization, param_groups, save_checkpoint)
 from charseg.config import load_params
+from charseg.task import characters_task
 from tests.conftest import REPO_ROOT
 
 IMG_SIZE = 64
@@ -40,6 +41,22 @@ def test_forward_backward_at_small_size(name):
     encoder_grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
     assert encoder_grads and all(g is not None for g in encoder_grads), "encoder not trained end to end"
     assert any(g.abs().sum() > 0 for g in encoder_grads)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_multiclass_forward_backward_at_small_size(name):
+    # The characters task: one logit map per class (background, 2 characters, other), softmax + cross entropy.
+    cfg = offline(MODELS[name])
+    torch.manual_seed(0)
+    model = build_model(cfg, name=name, outputs=4).train()
+    x = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
+    logits = model(x)
+    assert logits.shape == (2, 4, IMG_SIZE, IMG_SIZE)
+    target = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long() + (x[:, 2] > 1).long()  # ids 0-3
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    head = [p for p in model.segmentation_head.parameters()]
+    assert head[0].shape[0] == 4 and head[0].grad is not None and head[0].grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("arch, bad, nearest", [("unetpp", 100, "96 or 128"), ("dinov2_fpn", 80, "64 or 96"),
@@ -118,6 +135,29 @@ def test_checkpoint_round_trip_rebuilds_model_and_preprocessing(tmp_path):
     x = torch.randn(1, 3, IMG_SIZE, IMG_SIZE)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+    assert (meta["task"], meta["classes"]) == ("person", ["background", "person"])
+
+
+def test_checkpoint_keeps_the_task_and_its_classes(tmp_path):
+    cfg = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "psp_out_channels": 16}
+    classes = ["background", "alice", "bob", "other"]
+    model = build_model(cfg, outputs=len(classes)).eval()
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, model, model_name="small", cfg=cfg, img_size=IMG_SIZE, mean=[0.5] * 3, std=[0.25] * 3,
+                    epoch=1, val_dice=0.5, task=characters_task(classes), val_miou=0.25)
+    loaded, meta = load_checkpoint(path)
+    assert (meta["task"], meta["classes"], meta["val_miou"]) == ("characters", classes, 0.25)
+    x = torch.randn(1, 3, IMG_SIZE, IMG_SIZE)
+    with torch.no_grad():
+        assert loaded(x).shape == (1, 4, IMG_SIZE, IMG_SIZE) and torch.equal(model(x), loaded(x))
+    # A checkpoint from before the characters task (no task, no classes) is a person-task checkpoint.
+    payload = torch.load(path, weights_only=True)
+    person = {k: v for k, v in payload.items() if k not in ("task", "classes")}
+    person["state_dict"] = build_model(cfg).state_dict()
+    torch.save(person, tmp_path / "old.pt")
+    old, meta = load_checkpoint(tmp_path / "old.pt")
+    assert (meta["task"], meta["classes"]) == ("person", ["background", "person"])
+    assert old(x).shape == (1, 1, IMG_SIZE, IMG_SIZE)
 
 
 def test_checkpoint_errors_tell_how_to_fix(tmp_path):

@@ -24,12 +24,14 @@ from pipeline_utils import clone_repo, dvc, git, make, stages_run, user_env
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"frames", "eda", "masks", "split", "train@unetpp", "train@pspnet", "train@deeplabv3",
+ALL_STAGES = {"frames", "eda", "masks", "identity", "split", "train@unetpp", "train@pspnet", "train@deeplabv3",
               "train@dinov2", "evaluate"}
 # (character folder, file, fourcc, fps, (width, height), seconds): no name, size or rate of the sample.
 CLIPS = (("Dana Scully", "pilot cold open.avi", "MJPG", 15.0, (112, 80), 7.0),
          ("Dana Scully", "s01e02.mp4", "mp4v", 24.0, (96, 72), 6.0),
          ("mulder", "one_long_take.mkv", "MJPG", 12.0, (128, 96), 14.0))
+# Each character wears its own colours (BGR), so the identity stage can tell them apart by appearance.
+COSTUMES = {"Dana Scully": (60, 160, 220), "mulder": (200, 70, 40)}
 # What a user edits in params.yaml to run in CI's time: tiny images, one epoch, loaders in-process.
 TINY = {"epochs": 1, "img_size": 32, "batch_size": 4, "train.workers": 0}
 FROM_SCRATCH = {f"models.{m}.encoder_weights": None for m in ("unetpp", "pspnet", "deeplabv3", "dinov2")}
@@ -50,7 +52,7 @@ def make_own_footage(root: Path) -> None:
             x = 8 + (i * 3) % (width - 40)
             mask = np.zeros((height, width), np.uint8)
             cv2.ellipse(mask, (x + 14, height // 2), (12, height // 3), 0, 0, 360, 255, -1)
-            frame[mask > 0] = (60, 160, 220)
+            frame[mask > 0] = COSTUMES[character]
             writer.write(frame)
             mask_rel = f"{character}/{Path(name).stem}/{i:06d}.png"
             (root / "data/raw/masks" / mask_rel).parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ def test_fresh_clone_own_videos_and_masks_make_repro_runs_every_stage(imported, 
 def test_experiment_on_own_videos_and_compare_fits_a_terminal(imported, env):
     repo, _ = imported
     result = dvc(repo, "exp", "run", "-S", "lr=1e-5", env=env)
-    assert stages_run(result.stdout) == ALL_STAGES - {"frames", "eda", "masks", "split"}
+    assert stages_run(result.stdout) == ALL_STAGES - {"frames", "eda", "masks", "identity", "split"}
     shown = subprocess.run([sys.executable, "-m", "charseg", "compare"], cwd=repo, env={**env, "COLUMNS": "120"},
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
@@ -173,6 +175,45 @@ def test_teammate_pulls_own_data_byte_identical_and_nothing_reruns(imported, env
     assert "up to date" in dvc(mate, "status", env=env).stdout
     assert stages_run(dvc(mate, "repro", env=env).stdout) == set()
     assert git(mate, "status", "--porcelain") == ""
+
+
+def test_characters_task_on_own_videos_trains_evaluates_predicts_and_exports(imported, env, tmp):
+    """Issue 14 on the user's footage: the folder names become classes, `dvc exp run -S task=characters` reruns
+    only training and evaluate, and predict/export run the multi-class model on a clip it never saw."""
+    repo, _ = imported
+    identity = json.loads((repo / "metrics/identity.json").read_text())
+    assert json.loads((repo / "data/identity/classes.json").read_text())["classes"] == \
+        ["background", "Dana Scully", "mulder", "other"]
+    assert identity["characters"]["Dana Scully"]["found_share"] >= 0.9, identity
+    assert identity["characters"]["mulder"]["found_share"] >= 0.9, identity
+    assert identity["characters"]["mulder"]["assigned_from_other_folders"] == 0, identity
+
+    result = dvc(repo, "exp", "run", "-S", "task=characters", env=env)
+    assert stages_run(result.stdout) == ALL_STAGES - {"frames", "eda", "masks", "identity", "split"}
+    for name in ("unetpp", "pspnet", "deeplabv3", "dinov2"):
+        scores = json.loads((repo / f"metrics/evaluate/{name}.json").read_text())
+        assert 0 <= scores["miou"] <= 1 and 0 <= scores["person_dice"] <= 1, scores
+        assert set(scores["iou_per_character"]) <= {"Dana Scully", "mulder"}
+        assert "best_val_miou" in json.loads((repo / f"dvclive/{name}/metrics.json").read_text())
+    assert "mIoU" in (repo / "reports/comparison.md").read_text()
+
+    clip = tmp / "new_episode.avi"  # a clip no stage has seen: mulder walks in front of a new background
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (96, 64))
+    for i in range(12):
+        frame = np.full((64, 96, 3), 70, np.uint8)
+        cv2.ellipse(frame, (20 + 4 * i, 32), (10, 22), 0, 0, 360, COSTUMES["mulder"], -1)
+        writer.write(frame)
+    writer.release()
+    charseg = [sys.executable, "-m", "charseg"]
+    predicted = subprocess.run([*charseg, "predict", "--model", "unetpp", "--input", str(clip), "--output",
+                                str(tmp / "new_episode_seg.mp4"), "--per-character"], cwd=repo, env=env,
+                               capture_output=True, text=True)
+    assert predicted.returncode == 0, predicted.stderr
+    masks = sorted(p.name for p in (tmp / "new_episode_seg.masks").iterdir())
+    assert "000000.png" in masks and "000000_mulder.png" in masks and "000000_Dana_Scully-e90d80.png" in masks, masks
+    exported = subprocess.run([*charseg, "export", "--model", "pspnet", "--output", str(tmp / "pspnet.onnx")],
+                              cwd=repo, env=env, capture_output=True, text=True)
+    assert exported.returncode == 0 and (tmp / "pspnet.onnx").is_file(), exported.stderr
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,8 @@ def test_every_key_of_params_yaml_is_in_the_schema_and_the_schema_has_no_stale_k
     ({"models": {"pspnet": {"decoder_channels": 64}}},
      "'models.pspnet.decoder_channels' is an option of arch unetpp, deeplabv3, not of 'pspnet', which accepts "
      "encoder_depth, psp_out_channels, decoder_use_norm, psp_dropout, upsampling"),
-    ({"wibble": 1}, "unknown key 'wibble': the keys of the top level are frames, eda, labels, split, lr, "
-                    "weight_decay, epochs, batch_size, img_size, seed, train, models, evaluate"),
+    ({"wibble": 1}, "unknown key 'wibble': the keys of the top level are frames, eda, labels, identity, task, "
+                    "split, lr, weight_decay, epochs, batch_size, img_size, seed, train, models, evaluate"),
 ])
 def test_unknown_keys_name_the_closest_known_key(tmp_path, changes, message):
     assert error_of(tmp_path, changes) == message

@@ -20,7 +20,7 @@ from charseg.sample import demo_overrides, generate
 
 pytestmark = pytest.mark.slow
 
-DATA_STAGES = {"frames", "eda", "masks", "split"}
+DATA_STAGES = {"frames", "eda", "masks", "identity", "split"}
 
 
 def _metric_files(models):

@@ -55,7 +55,7 @@ def test_layout_characters_containers_and_rates(raw):
 
 def test_truth_matches_every_decoded_frame(raw):
     index = list(csv.DictReader(open(raw / "truth" / "index.csv", newline="", encoding="utf-8")))
-    assert list(index[0]) == ["video", "frame_index", "mask"]
+    assert list(index[0]) == ["video", "frame_index", "mask", "character_mask"]
     by_video = {}
     for row in index:
         by_video.setdefault(row["video"], []).append(row)
@@ -92,6 +92,7 @@ def test_same_seed_gives_identical_bytes_other_seed_differs(raw, tmp_path):
     again = tmp_path / "again"
     sample.generate(again, seed=0, duration_scale=SCALE)
     assert _files(again) == _files(raw)
+    assert any(name.endswith(sample.CHARACTER_MASK_SUFFIX) for name in _files(raw / "truth"))  # compared too
     other = tmp_path / "other"
     sample.generate(other, seed=1, duration_scale=SCALE)
     assert _files(other / "truth") != _files(raw / "truth")
@@ -122,7 +123,7 @@ def test_if_empty_generates_into_empty_folder_and_regenerates_a_sample(tmp_path)
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
-    real_render = sample.render_clip
+    real_render = sample.render_clip_characters
 
     def failing_render(spec, seed, clip_no, duration_scale=1.0):
         for i, item in enumerate(real_render(spec, seed, clip_no, duration_scale)):
@@ -130,7 +131,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(sample, "render_clip", failing_render)
+    monkeypatch.setattr(sample, "render_clip_characters", failing_render)
     out = tmp_path / "raw"
     with pytest.raises(KeyboardInterrupt):
         sample.generate(out, duration_scale=SCALE)

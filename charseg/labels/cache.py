@@ -13,12 +13,14 @@ from charseg.labels.detect import FrameLabel
 
 
 class LabelCache:
-    """Content-addressed FrameLabels: `<root>/<key[:2]>/<key>.json` (+ `.png`, the raw union mask).
+    """Content-addressed FrameLabels: `<root>/<key[:2]>/<key>.json` (+ `.ids.png`, the raw uint16 instance map).
 
     The key hashes the frame's bytes with the labeler's fingerprint, so a frame already labelled
     with the same weights and params is never sent to SAM again, whichever video or run it comes
     from; refinement is applied after the cache, so changing labels.refine costs no SAM time either.
     Each file is written atomically and the JSON last: an interrupted run leaves only whole entries.
+    Entries written before instances were kept hold only the union (`.png`): they are read with each
+    connected blob as one instance, so the person task's labels stay exact and no frame goes back to SAM.
     """
 
     def __init__(self, root: str | Path, fingerprint: str):
@@ -27,35 +29,39 @@ class LabelCache:
     def key(self, frame_bytes: bytes) -> str:
         return hashlib.sha256(self.fingerprint.encode("ascii") + hashlib.sha256(frame_bytes).digest()).hexdigest()
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
+    def _paths(self, key: str) -> tuple[Path, Path, Path]:
         folder = self.root / key[:2]
-        return folder / f"{key}.json", folder / f"{key}.png"
+        return folder / f"{key}.json", folder / f"{key}.ids.png", folder / f"{key}.png"
 
     def get(self, key: str) -> FrameLabel | None:
-        meta_path, mask_path = self._paths(key)
+        meta_path, ids_path, union_path = self._paths(key)
         if not meta_path.is_file():
             return None
         try:
             meta = read_json(meta_path)
             shape = (int(meta["height"]), int(meta["width"]))
-            if meta["has_mask"]:
-                mask = imread(mask_path, cv2.IMREAD_GRAYSCALE) > 0
-                if mask.shape != shape:
-                    return None
+            if not meta["has_mask"]:
+                ids = np.zeros(shape, dtype=np.uint16)
+            elif ids_path.is_file():
+                ids = imread(ids_path, cv2.IMREAD_UNCHANGED).astype(np.uint16)
             else:
-                mask = np.zeros(shape, dtype=bool)
-            return FrameLabel(mask, np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4),
+                _, blobs = cv2.connectedComponents((imread(union_path, cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8))
+                ids = blobs.astype(np.uint16)
+            if ids.shape != shape:
+                return None
+            return FrameLabel(ids, np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4),
                               np.asarray(meta["box_scores"], dtype=np.float32),
                               np.asarray(meta["sam_scores"], dtype=np.float32))
         except (CharsegError, ValueError, KeyError, TypeError):
             return None  # an unreadable entry is a miss: the frame is labelled again and the entry rewritten
 
     def put(self, key: str, label: FrameLabel) -> None:
-        meta_path, mask_path = self._paths(key)
-        has_mask = bool(label.mask.any())
+        meta_path, ids_path, _ = self._paths(key)
+        ids = np.asarray(label.instances).astype(np.uint16)
+        has_mask = bool(ids.any())
         if has_mask:
-            imwrite_atomic(mask_path, label.mask.astype(np.uint8) * 255)
-        write_json(meta_path, {"height": label.mask.shape[0], "width": label.mask.shape[1], "has_mask": has_mask,
+            imwrite_atomic(ids_path, ids)
+        write_json(meta_path, {"height": ids.shape[0], "width": ids.shape[1], "has_mask": has_mask,
                                "boxes": label.boxes.tolist(), "box_scores": label.box_scores.tolist(),
                                "sam_scores": label.sam_scores.tolist()})
 

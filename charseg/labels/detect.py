@@ -145,12 +145,28 @@ def union_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return masks.any(axis=0) if len(masks) else np.zeros(shape, dtype=bool)
 
 
+def instance_map(masks: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint16: pixel value k is the person of box k-1 (0 = nobody); its non-zero pixels are exactly
+    union_masks. Where two masks overlap, the box whose bottom edge is lower wins: in a TV frame the person
+    standing nearer the camera (lower feet) is the one in front."""
+    ids = np.zeros(shape, dtype=np.uint16)
+    masks = np.asarray(masks, dtype=bool)
+    for index in np.argsort(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[:, 3], kind="stable"):
+        ids[masks[index]] = index + 1
+    return ids
+
+
 @dataclass(frozen=True)
 class FrameLabel:
-    mask: np.ndarray        # (H, W) bool: union of the per-person masks, before refinement
+    instances: np.ndarray   # (H, W) uint16 before refinement: k = the person of boxes[k-1], 0 = nobody
     boxes: np.ndarray       # (n, 4) float32 xyxy
     box_scores: np.ndarray  # (n,) detector confidence
     sam_scores: np.ndarray  # (n,) SAM's predicted IoU of each box's mask; empty when no SAM ran (yolo_seg)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: the union of the persons, what the person task trains on."""
+        return np.asarray(self.instances) > 0
 
 
 class _Lazy:
@@ -196,10 +212,10 @@ class YoloSamLabeler:
             shape = image.shape[:2]
             if len(found.boxes):
                 masks, sam_scores = self.segmenter.segment(image, found.boxes)
-                mask = union_masks(masks, shape)
+                ids = instance_map(masks, found.boxes, shape)
             else:
-                mask, sam_scores = np.zeros(shape, dtype=bool), np.zeros(0, dtype=np.float32)
-            yield FrameLabel(mask, found.boxes, found.scores, np.asarray(sam_scores, dtype=np.float32))
+                ids, sam_scores = np.zeros(shape, dtype=np.uint16), np.zeros(0, dtype=np.float32)
+            yield FrameLabel(ids, found.boxes, found.scores, np.asarray(sam_scores, dtype=np.float32))
 
 
 class YoloSegLabeler:
@@ -213,7 +229,8 @@ class YoloSegLabeler:
 
     def label(self, images: Sequence[np.ndarray]) -> Iterator[FrameLabel]:
         for image, (found, masks) in zip(images, self._model.get().segment_persons(images)):
-            yield FrameLabel(union_masks(masks, image.shape[:2]), found.boxes, found.scores, np.zeros(0, np.float32))
+            yield FrameLabel(instance_map(masks, found.boxes, image.shape[:2]), found.boxes, found.scores,
+                             np.zeros(0, np.float32))
 
 
 def build_labeler(cfg: LabelsConfig, *, device: str | None = None) -> YoloSamLabeler | YoloSegLabeler:

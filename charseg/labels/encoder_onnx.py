@@ -19,7 +19,7 @@ import torch
 from charseg.device import ORT_CPU
 from charseg.errors import CharsegError
 from charseg.io import write_bytes_atomic
-from charseg.onnx import DEFAULT_OPSET, ort_session
+from charseg.ort import DEFAULT_OPSET, ort_session
 
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
 INPUT_SIZE = 1024  # every SAM family member encodes a 1024 x 1024 (padded / letterboxed) frame

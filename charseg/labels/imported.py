@@ -32,7 +32,7 @@ def is_uniform(image: np.ndarray) -> bool:
 
 
 def mask_files(folder: str | Path, index_name: str | None, frames: Sequence[Mapping[str, str]],
-               *, key: str = "labels.import_dir") -> dict[str, Path]:
+               *, key: str = "labels.import_dir", column: str = "mask") -> dict[str, Path]:
     """The mask file of each frame id that has one.
 
     Through `<folder>/<index_name>` when that CSV exists (a `mask` column, path relative to the
@@ -49,10 +49,15 @@ def mask_files(folder: str | Path, index_name: str | None, frames: Sequence[Mapp
         raise CharsegError(f"mask folder {folder} not found: check {key} in params.yaml")
     index_path = folder / index_name if index_name else None
     if index_path is None or not index_path.is_file():
+        if column != "mask":
+            raise CharsegError(f"per-character masks in {folder} need an index CSV ({index_name or 'index.csv'}) "
+                               f"with a '{column}' column")
         return {row["id"]: folder / (row["id"] + MASK_SUFFIX) for row in frames}
     with open(index_path, newline="", encoding="utf-8") as fh:
-        index = list(csv.DictReader(fh))
+        index = [{**row, "mask": row.get(column)} for row in csv.DictReader(fh)]
     columns = set(index[0]) if index else set()
+    if column != "mask" and column not in columns:
+        raise CharsegError(f"{index_path} has no '{column}' column: per-character masks are listed there")
     if "mask" in columns and "id" in columns:
         by_id = _one_mask_each(index_path, index, lambda row: row["id"])
         found = {row["id"]: by_id.get(row["id"]) for row in frames}
@@ -118,3 +123,45 @@ def read_binary_mask(path: str | Path, size: tuple[int, int] | None, *, key: str
             return (raw == on).astype(np.uint8) * 255
     shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
     raise MaskMismatch(f"{path} is not binary (values {shown}): a mask must hold only 0/1 or 0/255")
+
+
+CHARACTERS_FILE = "characters.json"  # in a folder of per-character masks: {"alice": 1, "bob": 2, "other": 3}
+
+
+def read_character_values(folder: str | Path, *, key: str = "labels.import_dir") -> dict[int, str]:
+    """Pixel value -> character name of a folder of per-character masks (its characters.json maps each name to
+    the value its pixels hold; 0 is always background, `other` names anyone who is not a character)."""
+    from charseg.io import read_json
+
+    path = Path(folder) / CHARACTERS_FILE
+    if not path.is_file():
+        raise CharsegError(f"{path} not found: per-character masks in {key} need it, mapping each character's "
+                           f'name to its pixel value, e.g. {{"alice": 1, "bob": 2, "other": 3}}')
+    mapping = read_json(path)
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) and 0 < v < 65536 for v in mapping.values()):
+        raise CharsegError(f"{path} must map each character's name to a pixel value 1-65535 (0 is background)")
+    values: dict[int, str] = {}
+    for name, value in mapping.items():
+        if value in values:
+            raise CharsegError(f"{path} gives {values[value]!r} and {name!r} the same value {value}")
+        values[value] = name
+    return values
+
+
+def read_character_map(path: str | Path, size: tuple[int, int] | None, values: Mapping[int, str]) -> np.ndarray:
+    """A per-character mask as uint16 pixel values (0 background, else a value of `values`, from
+    read_character_values) of size (height, width); MaskMismatch names an unknown value or a wrong size."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskMismatch(f"missing mask {path}")
+    data = path.read_bytes()
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if raw is None or raw.ndim != 2:
+        raise MaskMismatch(f"{path} is not a single-channel PNG of character values (see characters.json)")
+    if size is not None and raw.shape != tuple(size):
+        raise MaskMismatch(f"{path} is {raw.shape[1]}x{raw.shape[0]} but its frame is {size[1]}x{size[0]}")
+    unknown = sorted(set(np.unique(raw).tolist()) - set(values) - {0})
+    if unknown:
+        raise MaskMismatch(f"{path} holds value(s) {', '.join(map(str, unknown[:6]))} that characters.json does "
+                           f"not name (it maps {', '.join(f'{n}={v}' for v, n in sorted(values.items()))})")
+    return raw.astype(np.uint16)
