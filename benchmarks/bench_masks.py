@@ -1,9 +1,10 @@
 """Weak-label speed per backend: labelled frames/s at 640x480 for YOLOv8n + each SAM-family backend and
 yolo_seg, the whole masks stage with a cold label cache, and 1 against 2 labelling worker processes.
 
-    .venv/bin/python benchmarks/bench_masks.py [--frames 4] [--size 640x480] [--device cpu]
+    .venv/bin/python benchmarks/bench_masks.py [--frames 4] [--size 640x480] [--device cpu] [--half|--no-half]
         [--backends vit_b,mobile_sam.pt,mobile_sam.pt@onnx,sam2.1_t.pt,yolo_seg]
-        [--workers-backend mobile_sam.pt] [--workers-frames 4]
+        [--workers-backend mobile_sam.pt] [--workers-frames 4] [--json FIGURES]
+    GPU mode (benchmarks/device_check.py): --device cuda --half --workers-frames 0 --json FIGURES
     smoke run (well under a minute on an idle 2-core box):
     .venv/bin/python benchmarks/bench_masks.py --frames 1 --backends mobile_sam.pt,yolo_seg --workers-frames 0
 
@@ -55,9 +56,10 @@ def render_frames(n: int, size: tuple[int, int]) -> list[tuple]:
     import cv2
     import numpy as np
 
-    from charseg.sample import ClipSpec, render_clip
+    from charseg.sample import NAMED_CHARACTERS, ClipSpec, render_clip
 
-    spec = ClipSpec("bench", "bench.mp4", 25.0, size, seconds=max(4.0, n * 1.0), black_first_frame=False)
+    # A character of the sample (render_clip draws each by its own looks): any one will do.
+    spec = ClipSpec(NAMED_CHARACTERS[0], "bench.mp4", 25.0, size, seconds=max(4.0, n * 1.0), black_first_frame=False)
     frames = []
     for index, (frame, mask) in enumerate(render_clip(spec, seed=0, clip_no=0)):
         if index % 25 == 0 and mask.any():
@@ -155,7 +157,7 @@ def backend_cfg(base: Any, spec: str, weights: Path, cache: Path, workers: int =
 class Bench:
     """The frames, weights and base config of one run; times labelers and stage runs on them."""
 
-    def __init__(self, tmp: Path, weights: Path, frames: list[tuple], device: str):
+    def __init__(self, tmp: Path, weights: Path, frames: list[tuple], device: str, half: bool | None = None):
         from charseg.config import load_config
         from charseg.layout import FramesDir
 
@@ -163,8 +165,8 @@ class Bench:
         self.boxes_file = tmp / "boxes.json"
         self.images = write_frames(self.frames_dir, frames, self.boxes_file)
         labels = load_config(REPO_ROOT / "params.yaml").labels
-        self.base = replace(labels, device=device, detector=replace(labels.detector, weights=weights / "yolov8n.pt",
-                                                                    imgsz=640),
+        self.base = replace(labels, device=device, half=labels.half if half is None else half,
+                            detector=replace(labels.detector, weights=weights / "yolov8n.pt", imgsz=640),
                             sam=replace(labels.sam, model="vit_b", checkpoint=weights / "sam_vit_b_01ec64.pth"))
         self.factory = partial(planted_labeler, boxes_file=str(self.boxes_file))
         self.runs = 0
@@ -208,8 +210,9 @@ def ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:6.2f}x" if reference else "     -"
 
 
-def compare_backends(bench: Bench, specs: list[str]) -> None:
-    """labeler and stage frames/s per backend, and their ratio to vit_b's."""
+def compare_backends(bench: Bench, specs: list[str]) -> dict[str, tuple[float, float, float]]:
+    """labeler and stage frames/s per backend, and their ratio to vit_b's; {spec: (first call s, labeler
+    frames/s, stage frames/s)}."""
     results = {}
     for spec in specs:
         first, labeler = bench.time_labeler(spec)
@@ -221,6 +224,18 @@ def compare_backends(bench: Bench, specs: list[str]) -> None:
     for spec, (first, labeler, stage) in results.items():
         print(f"{spec:22s} {first:8.1f} s {labeler:8.3f} f/s {ratio(labeler, reference[1]):>8s} "
               f"{stage:8.3f} f/s {ratio(stage, reference[2]):>8s}")
+    return results
+
+
+def write_backend_figures(path: str, results: dict[str, tuple[float, float, float]], half: bool, frames: str) -> None:
+    from benchmarks.device_check import figure, write_figures
+
+    precision = "half" if half else "float32"
+    named = {spec: spec if spec.startswith("yolo_seg") else f"{spec} + YOLOv8n" for spec in results}
+    write_figures(path, [row for spec, (first, labeler, stage) in results.items() for row in (
+        figure(f"{named[spec]} labeler", labeler, "frames/s", f"{precision}; {frames}; models loaded"),
+        figure(f"{named[spec]} masks stage", stage, "frames/s",
+               f"{precision}; cold label cache, load + refine + PNGs; first call {first:.1f} s"))])
 
 
 def compare_workers(bench: Bench, spec: str) -> None:
@@ -236,6 +251,9 @@ def main() -> None:
     parser.add_argument("--workers-backend", default="mobile_sam.pt")
     parser.add_argument("--workers-frames", type=int, default=4, help="frames of the 1 vs 2 workers run; 0: skip")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    parser.add_argument("--half", action=argparse.BooleanOptionalAction,
+                        help="half precision for YOLO and SAM on a GPU (default: params.yaml labels.half)")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/device_check.py)")
     args = parser.parse_args()
 
     import torch
@@ -255,7 +273,11 @@ def main() -> None:
         if specs:
             frames = render_frames(args.frames, (width, height))
             print(f"{len(frames)} frames {width}x{height}, {sum(len(b) for _, b in frames)} persons")
-            compare_backends(Bench(tmp / "backends", tmp / "w", frames, args.device), specs)
+            bench = Bench(tmp / "backends", tmp / "w", frames, args.device, args.half)
+            results = compare_backends(bench, specs)
+            if args.json:
+                write_backend_figures(args.json, results, bench.base.half and args.device != "cpu",
+                                      f"{len(frames)} frames {width}x{height}")
         if args.workers_frames:
             frames = render_frames(args.workers_frames, (width, height))
             compare_workers(Bench(tmp / "workers", tmp / "w", frames, args.device), args.workers_backend)

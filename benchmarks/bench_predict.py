@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_predict.py [--seconds 3] [--size 1280x720] [--img-size 256 512]
         [--models unetpp,pspnet,deeplabv3,dinov2] [--batch-size 8] [--device cpu] [--amp] [--onnx]
-        [--threads N] [--repeats 2]
+        [--threads N] [--repeats 2] [--json FIGURES]
 
 The video is rendered once into a temporary folder: the sample's panning rooms and walking figures,
 30 fps MPEG-4 (mp4v), plus sensor grain (--grain): flat synthetic frames would make decoding and
@@ -17,7 +17,8 @@ resize back + overlay + encode, .mp4 out) of:
 with the same model, batch size and threshold; speed-up = pipelined / sequential. Decode-only and
 encode-only rates of the video are printed first: the pipeline runs at about the slowest of decode,
 model and encode, the sequential loop at the sum of their times. --onnx adds ONNX Runtime rows (the
-model exported with charseg.onnx.export_onnx). Figures are printed; nothing is asserted.
+model exported with charseg.onnx.export_onnx). Figures are printed (and with --json written for
+benchmarks/device_check.py, whose GPU mode is --device cuda --amp); nothing is asserted.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from charseg.inference import Segmenter, TorchSegmenter, infer_masks, preprocess
 from charseg.config import load_config  # noqa: E402
 from charseg.device import ort_providers, select_device  # noqa: E402
 from charseg.video import VideoInfo, probe  # noqa: E402
-from charseg.sample import ClipSpec, render_clip  # noqa: E402
+from charseg.sample import NAMED_CHARACTERS, ClipSpec, render_clip  # noqa: E402
+from benchmarks.device_check import Figure, figure, write_figures  # noqa: E402
 
 FPS = 30.0
 THRESHOLD = 0.5
@@ -48,7 +50,8 @@ THRESHOLD = 0.5
 def make_video(path: Path, seconds: float, size: tuple[int, int], grain: float) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, size)
     noise = [np.random.default_rng(i).normal(0, grain, (size[1], size[0], 3)).astype(np.int16) for i in range(5)]
-    spec = ClipSpec("bench", path.name, FPS, size, seconds, black_first_frame=False)
+    # A character of the sample (render_clip draws each by its own looks): any one will do.
+    spec = ClipSpec(NAMED_CHARACTERS[0], path.name, FPS, size, seconds, black_first_frame=False)
     for i, (frame, _) in enumerate(render_clip(spec, seed=0, clip_no=0)):
         writer.write(np.clip(frame + noise[i % len(noise)], 0, 255).astype(np.uint8) if grain else frame)
     writer.release()
@@ -136,6 +139,7 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="also run the ONNX Runtime export of each model")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per figure; the best is printed")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/device_check.py)")
     args = parser.parse_args()
 
     if args.threads:
@@ -149,9 +153,12 @@ def main() -> None:
         tmp = Path(tmp_name)
         info = probe(make_video(tmp / "clip.mp4", args.seconds, (width, height), args.grain))
         frames, decode_fps = decode_only(info.path)
+        encode_fps = encode_only(info, frames, tmp / 'encode.mp4')
         print(f"predict on a {width}x{height} {FPS:g} fps video of {frames} frames, batch {args.batch_size}, {where}; "
-              f"decode only {decode_fps:.1f} frames/s, overlay + encode only "
-              f"{encode_only(info, frames, tmp / 'encode.mp4'):.1f} frames/s\n")
+              f"decode only {decode_fps:.1f} frames/s, overlay + encode only {encode_fps:.1f} frames/s\n")
+        video = f"{width}x{height}"
+        figures: list[Figure] = [figure(f"decode only ({video}, OpenCV)", decode_fps, "frames/s"),
+                                 figure(f"overlay + encode only ({video}, mp4v)", encode_fps, "frames/s")]
         print("| model | arch | img_size | runtime | model only (frames/s) | sequential (frames/s) "
               "| pipelined (frames/s) | speed-up |")
         print("|---|---|---|---|---|---|---|---|")
@@ -177,7 +184,15 @@ def main() -> None:
                     print(f"| {name} | {cfg['arch']} | {img_size} | {runtime} | {fps['model']:.1f} "
                           f"| {fps['sequential']:.1f} | {fps['pipelined']:.1f} "
                           f"| {fps['pipelined'] / fps['sequential']:.2f}x |", flush=True)
+                    run = f"{name} {img_size} px {runtime}, {video}"
+                    figures += [figure(f"predict pipelined ({run})", fps["pipelined"], "frames/s",
+                                       f"{fps['pipelined'] / fps['sequential']:.2f}x the plain loop; "
+                                       f"batch {args.batch_size}; real time is {FPS:g} frames/s"),
+                                figure(f"predict plain loop ({run})", fps["sequential"], "frames/s"),
+                                figure(f"model only ({run})", fps["model"], "frames/s")]
                 del model, runtimes
+        if args.json:
+            write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

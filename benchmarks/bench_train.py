@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--frames 64] [--frame-size 1280x720] [--img-size N] [--batch-size N]
                                      [--workers 0] [--steps 3] [--models unetpp,pspnet,...] [--threads N]
+                                     [--device auto] [--quick] [--json FIGURES]
 
 1. Data path. Synthetic full-size JPEG frames + PNG masks. "seed": what the original notebook did,
    decode the full-size frame and mask and resize them on every access (then the same augmentation
@@ -10,16 +11,23 @@
    images/s with the same model (--train-model) and the same training step for both loaders.
 2. Step time of each model of params.yaml at img_size/batch_size (defaults: params.yaml), CPU unless
    a GPU is present, encoder_weights null (no download), after one warm-up step.
+--quick (the device check's GPU mode, benchmarks/device_check.py): instead of 1 and 2, the training loop's own
+   rate: charseg.train's Trainer.setup (pair cache, precision: AMP and channels-last on CUDA, loaders with
+   --workers) and its epoch function on --train-model, --epochs timed epochs after one warm-up epoch; then the
+   loader alone (its images/s with no model) and the GPU alone (the same epoch function on one batch already on
+   the device): the slower of the two bounds training. --json writes these figures to a file.
 Figures are printed; nothing is asserted. On 2 CPU cores at the defaults (512 px, batch 8) part 2 takes
 minutes per model (DeepLabV3 runs its ASPP at stride 8); --img-size 128 --batch-size 4 gives a quick look.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -33,7 +41,9 @@ from charseg.config import load_config  # noqa: E402
 from charseg.data import Augment, PairDataset, cache_pairs, normalize, read_pair, resize_pair  # noqa: E402
 from charseg.device import select_device  # noqa: E402
 from charseg.layout import FramesDir, MasksDir  # noqa: E402
-from charseg.train import dice_loss  # noqa: E402
+from charseg.io import write_json  # noqa: E402
+from charseg.train import Trainer, TrainPaths, _train_epoch, dice_loss  # noqa: E402
+from benchmarks.device_check import Figure, figure, write_figures  # noqa: E402
 
 
 class SeedDataset(Dataset):
@@ -126,6 +136,64 @@ def step_time(cfg: dict, img_size: int, batch_size: int, device: torch.device, s
     return float(np.median(times[1:]))
 
 
+def _timed(run: Callable[[], int], device: torch.device) -> float:
+    """images/s of `run` (which returns the images it processed), GPU work finished included."""
+    start = time.perf_counter()
+    images = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def trainer_rates(args: argparse.Namespace, params: Any, device: torch.device, width: int, height: int) -> list[Figure]:
+    """--quick: training, loader-only and GPU-only images/s of charseg.train's own loop (see the docstring)."""
+    model_cfg = params.model_config(args.train_model)
+    model_cfg = dataclasses.replace(model_cfg, encoder_weights=None, params={**model_cfg.params, "encoder_weights": None})
+    cfg = dataclasses.replace(params.train, img_size=args.img_size, batch_size=args.batch_size, workers=args.workers,
+                              amp=True, epochs=args.epochs + 1)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        frames, masks = FramesDir(root / "frames"), MasksDir(root / "masks")
+        ids = make_frames(frames, masks, args.frames + args.batch_size, width, height)  # + one validation batch
+        write_json(root / "split.json", {"train": ids[:args.frames], "val": ids[args.frames:]})
+        paths = TrainPaths(root / "split.json", frames, masks, models=root / "models", live=root / "live",
+                           cache=root / "cache")
+        start = time.perf_counter()
+        trainer = Trainer.setup(model_cfg, cfg, paths, device=device)
+        setup_s = time.perf_counter() - start
+        loader, rt = trainer.loaders.train, trainer.rt
+        per_epoch = len(loader) * args.batch_size
+
+        def epoch(number: int, batches: Any = None) -> int:
+            # charseg.train's own epoch (private: the benchmark times exactly what training runs)
+            trainer.loaders.set_epoch(number)
+            _train_epoch(trainer.model, loader if batches is None else batches, trainer.loss_fn,
+                         trainer.optimization, rt, desc=f"epoch {number}")
+            return per_epoch if batches is None else len(batches) * args.batch_size
+
+        epoch(0)  # warm-up: cuDNN picks its kernels, the allocator fills up
+        train = _timed(lambda: sum(epoch(n) for n in range(1, args.epochs + 1)), device)
+        trainer.loaders.set_epoch(args.epochs + 1)
+        loader_only = _timed(lambda: sum(len(images) for images, _ in loader), device)
+        images, target = next(iter(loader))
+        on_device = [(images.to(device), target.to(device))] * len(loader)
+        gpu_only = _timed(lambda: epoch(args.epochs + 2, on_device), device)
+    amp = rt.precision.amp_dtype
+    how = (f"{args.train_model}, {args.img_size} px, batch {args.batch_size}, autocast {amp or 'off'}, "
+           f"{rt.precision.memory_format}").replace("torch.", "")
+    bound = "loader" if loader_only < gpu_only else "GPU"
+    print(f"{args.train_model} on {device}: setup (cache of {args.frames} frames, model) {setup_s:.1f} s; training "
+          f"{train:.1f} img/s, loader only {loader_only:.1f} img/s ({args.workers} workers), GPU only "
+          f"{gpu_only:.1f} img/s: {bound}-bound")
+    return [figure(f"{args.train_model} training images/s", train, "img/s",
+                   f"{how}; charseg.train epoch, {args.epochs} epochs of {per_epoch} after a warm-up",
+                   key="train_images_per_s"),
+            figure("loader only", loader_only, "img/s", f"{args.workers} DataLoader workers, augmentation on the CPU"),
+            figure("GPU only", gpu_only, "img/s", "the same epoch on one batch already on the device"),
+            figure("bound", bound, note=f"the slower of loader only and GPU only; training at "
+                                        f"{train / min(loader_only, gpu_only):.0%} of it")]
+
+
 def main() -> None:
     params = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
     defaults = params.train
@@ -140,11 +208,20 @@ def main() -> None:
     parser.add_argument("--train-model", default="pspnet", help="model of params.yaml for the data-path run")
     parser.add_argument("--models", default=",".join(params.model_names), help="models to time, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the training loop's rate with AMP, the loader and the GPU alone (GPU mode)")
+    parser.add_argument("--json", help="with --quick: also write the figures to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device("auto")
+    device = select_device(args.device)
     width, height = (int(v) for v in args.frame_size.lower().split("x"))
+    if args.quick:
+        figures = trainer_rates(args, params, device, width, height)
+        if args.json:
+            write_figures(args.json, figures)
+        return
     print(f"device {device}, torch threads {torch.get_num_threads()}, img_size {args.img_size}, "
           f"batch_size {args.batch_size}, workers {args.workers}")
 

@@ -151,6 +151,7 @@ SCHEMA: dict[str, Any] = {
         "max_side": Num(lo=16, integer=True, nullable=True),
         "jpeg_quality": Num(lo=1, hi=100, integer=True),
         "workers": Num(lo=0, integer=True),
+        "decoder": Text(choices=("auto", "pyav", "opencv")),
     },
     "eda": {
         "samples_per_character": Num(lo=1, integer=True),
@@ -351,6 +352,9 @@ class FramesConfig:
     max_side: int | None
     jpeg_quality: int
     workers: int
+    # auto (PyAV, OpenCV for what PyAV cannot open) | pyav | opencv. A params.yaml written before the key
+    # existed keeps the decoder it was made with.
+    decoder: str = "opencv"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 Reads `<videos>/<character>/<file>` (.mp4 .avi .mkv .mov .webm, any case) and writes a FramesDir, all or
 nothing: `images/<id>.jpg`, `manifest.csv` (FRAME_COLUMNS: id,character,video,frame_index,timestamp,width,
 height; sorted by id) and `report.json` (per-video fps used, skipped files and why); counts go to the
-metrics file. Settings: FramesConfig (params.yaml `frames:`): fps, max_side, jpeg_quality, workers.
+metrics file. Settings: FramesConfig (params.yaml `frames:`): fps, max_side, jpeg_quality, workers,
+decoder (auto: PyAV, OpenCV for a file PyAV cannot open, reported; both keep the same frames).
 
 Bad input does not stop the stage, it is skipped and listed in report.json with a warning: a file that
 is not a video, a file directly in the videos folder, a folder inside a character folder, an empty
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 from tqdm import tqdm
@@ -46,7 +48,7 @@ from charseg.config import FramesConfig
 from charseg.errors import CharsegError, warn
 from charseg.io import atomic_dir, imwrite_atomic, name_max, slugify, write_csv, write_json
 from charseg.layout import FRAME_COLUMNS, FRAME_SUFFIX, FramesDir
-from charseg.video import VIDEO_EXTENSIONS, FrameReader, VideoInfo, is_video_file, looks_truncated, probe
+from charseg.video import VIDEO_EXTENSIONS, VideoInfo, is_video_file, looks_truncated, open_reader, open_video
 from charseg.workers import WorkerPool, cpu_count
 
 MIN_CHUNK_SECONDS = 30.0  # a video is cut into parallel chunks no shorter than this
@@ -232,8 +234,9 @@ def plan_chunks(videos: list[tuple[VideoJob, VideoInfo]], n_workers: int) -> lis
     Each cut costs one seek, which decodes from the previous keyframe (up to a few seconds of video
     on typical TV encodes), hence the minimum length. The frames kept do not depend on the cuts.
     """
-    def splittable(info: VideoInfo) -> bool:  # frame index <-> time needs the container's own fps
-        return n_workers > 1 and info.fps_source == "container" and info.reported_frames > 0
+    def splittable(info: VideoInfo) -> bool:  # frame index <-> time needs the container's own, constant fps
+        return (n_workers > 1 and info.fps_source == "container" and info.reported_frames > 0
+                and info.timestamps and not info.variable_rate)
 
     total_seconds = sum(info.reported_frames / info.fps for _, info in videos if splittable(info))
     target_seconds = max(MIN_CHUNK_SECONDS, total_seconds / (CHUNKS_PER_WORKER * n_workers))
@@ -249,7 +252,7 @@ def extract_chunk(chunk: Chunk, out: FramesDir, cfg: FramesConfig, threads: int 
     """Write one chunk's sampled frames into `out.images`; returns its manifest rows and how far it decoded,
     or the error. On failure the frames already written by this chunk are removed."""
     job, rows, written = chunk.job, [], []
-    reader = FrameReader(job.path, threads=threads, info=chunk.info)
+    reader = open_reader(chunk.info, threads)
     try:
         for frame in reader.sample(cfg.fps, chunk.start, chunk.stop):
             image = _resized(frame.image, cfg.max_side)
@@ -260,13 +263,14 @@ def extract_chunk(chunk: Chunk, out: FramesDir, cfg: FramesConfig, threads: int 
             rows.append({"id": row_id, "character": job.character, "video": job.video,
                          "frame_index": frame.index, "timestamp": round(frame.timestamp, 6),
                          "width": image.shape[1], "height": image.shape[0]})
-    except (CharsegError, cv2.error) as err:
+    except (CharsegError, cv2.error, av.error.FFmpegError) as err:
         for path in written:
             path.unlink(missing_ok=True)
         reason = str(err) if isinstance(err, CharsegError) else \
-            f"{job.path}: OpenCV failed to decode it ({err}): the file is damaged"
+            f"{job.path}: {chunk.info.decoder} failed to decode it ({err}): the file is damaged"
         return {"error": reason}
-    return {"rows": rows, "reached": reader.reached}
+    return {"rows": rows, "reached": reader.reached, "damaged": getattr(reader, "damaged", []),
+            "substituted": getattr(reader, "substituted", [])}
 
 
 def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[str, Any]]],
@@ -283,12 +287,41 @@ def _video_result(job: VideoJob, info: VideoInfo, parts: list[tuple[Chunk, dict[
     decoded = next((result["reached"] for chunk, result in parts
                     if chunk.stop is not None and result["reached"] < chunk.stop), parts[-1][1]["reached"])
     truncated = looks_truncated(info, decoded)
+    damaged = sorted({round(s, 3) for _, result in parts for s in result.get("damaged", [])})
+    substituted = [[round(p, 6), None if u is None else round(u, 6)]
+                   for _, result in parts for p, u in result.get("substituted", [])]
     entry = {"video": job.video, "character": job.character, "frames": len(rows),
              "fps_used": round(info.fps, 6), "fps_source": info.fps_source,
              "reported_fps": info.reported_fps if math.isfinite(info.reported_fps) else None,  # JSON has no NaN
              "frames_decoded": decoded, "reported_frames": info.reported_frames,
-             "width": info.width, "height": info.height, "incomplete": truncated}
-    return {"rows": rows, "video": entry, "warnings": _video_warnings(job, info, fps, len(rows), decoded, truncated)}
+             "width": info.width, "height": info.height, "incomplete": truncated or bool(damaged),
+             "decoder": info.decoder, "decoder_fallback": info.fallback, "timestamps": info.timestamps,
+             "variable_rate": info.variable_rate, "rotation": info.rotation,
+             "damaged_at_s": damaged, "substituted_s": substituted}
+    warnings = _video_warnings(job, info, fps, len(rows), decoded, truncated)
+    warnings += _decoding_warnings(job, info, damaged, substituted)
+    return {"rows": rows, "video": entry, "warnings": warnings}
+
+
+def _decoding_warnings(job: VideoJob, info: VideoInfo, damaged: list[float],
+                       substituted: list[list[float | None]]) -> list[str]:
+    """What the PyAV reader (or the fall back from it) had to do differently from a clean decode."""
+    warnings = []
+    if info.fallback:
+        warnings.append(f"{job.path}: PyAV could not open it, so OpenCV decoded it ({info.fallback})")
+    if not info.timestamps:
+        warnings.append(f"{job.path}: the video stream has no timestamps, so frames were timed by counting "
+                        f"them at {info.fps:.3f} fps ({info.fps_source}): re-mux it into .mp4/.mkv for exact times")
+    if damaged:
+        shown = ", ".join(f"{s:.2f}" for s in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+        warnings.append(f"{job.path}: {len(damaged)} damaged packet(s) skipped (at {shown} s): the frames around "
+                        f"them were kept. Re-copy or re-encode it to recover the rest")
+    lost = [p for p, used in substituted if used is None]
+    if substituted:
+        warnings.append(f"{job.path}: {len(substituted)} picked frame(s) could not be decoded; "
+                        f"{len(substituted) - len(lost)} replaced by the nearest decoded frame within half a "
+                        f"sampling interval (report.json substituted_s: [picked, used] seconds), {len(lost)} lost")
+    return warnings
 
 
 def _video_warnings(job: VideoJob, info: VideoInfo, fps: float, n_frames: int, decoded: int,
@@ -352,12 +385,14 @@ def _find_videos(videos_root: Path, out: FramesDir) -> tuple[list[VideoJob], lis
     return jobs, skipped
 
 
-def _probed(jobs: list[VideoJob], skipped: list[dict[str, str]]) -> list[tuple[VideoJob, VideoInfo]]:
-    """The jobs with their VideoInfo; a video that cannot be opened is added to `skipped`."""
+def _probed(jobs: list[VideoJob], skipped: list[dict[str, str]],
+            decoder: str) -> list[tuple[VideoJob, VideoInfo]]:
+    """The jobs with their VideoInfo for `decoder` (frames.decoder); a video that cannot be opened (or has
+    no video stream) is added to `skipped`."""
     videos = []
     for job in jobs:
         try:
-            videos.append((job, probe(job.path)))
+            videos.append((job, open_video(job.path, decoder)))
         except CharsegError as err:
             skipped.append({"path": job.video, "reason": str(err)})
     return videos
@@ -391,7 +426,7 @@ def extract_frames(videos_root: Path, out: FramesDir, cfg: FramesConfig,
     returns the report, and writes `frames_metrics(report)` to `metrics_path` when given."""
     videos_root = Path(videos_root)
     jobs, skipped = _find_videos(videos_root, out)
-    videos = _probed(jobs, skipped)
+    videos = _probed(jobs, skipped, cfg.decoder)
     workers = cfg.workers or cpu_count()
     chunks = plan_chunks(videos, workers)
     with atomic_dir(out.root) as tmp:
@@ -403,7 +438,8 @@ def extract_frames(videos_root: Path, out: FramesDir, cfg: FramesConfig,
             reasons = "; ".join(item["reason"] for item in skipped[:3])
             raise CharsegError(f"no frame could be extracted from the {len(jobs)} video(s) in {videos_root} "
                                f"({reasons}): fix or replace the files listed above")
-        report = {"params": {"fps": cfg.fps, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality},
+        report = {"params": {"fps": cfg.fps, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality,
+                             "decoder": cfg.decoder},
                   "videos_processed": len(entries), "frames_written": len(rows), "videos": entries,
                   "skipped": skipped, "warnings": warnings}
         write_csv(staged.manifest, rows, FRAME_COLUMNS)

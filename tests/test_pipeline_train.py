@@ -175,3 +175,21 @@ def test_one_models_param_reruns_only_that_model_and_evaluate(run):
     assert after["pspnet"] != before["pspnet"]
     assert {n: h for n, h in after.items() if n != "pspnet"} == {n: h for n, h in before.items() if n != "pspnet"}
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_characters_task_on_the_sample_reruns_training_and_scores_against_exact_per_character_truth(run):
+    """`dvc exp run -S task=characters` (issue 14): identity ran with the data stages; only the four models and
+    evaluate rerun, and evaluate scores every model against the sample's exact per-character masks too."""
+    root = run["root"]
+    identity = json.loads((root / "metrics/identity.json").read_text())
+    assert identity["instance_accuracy"] >= 0.8, identity  # weak identity against the exact truth
+    result = dvc(root, "exp", "run", "-S", "task=characters")
+    assert stages_run(result.stdout) == {f"train@{m}" for m in run["models"]} | {"evaluate"}
+    classes = json.loads((root / "data/identity/classes.json").read_text())["classes"]
+    assert classes == ["background", "Zoë", "alice", "bob", "other"]
+    for model in run["models"]:
+        scores = json.loads((root / f"metrics/evaluate/{model}.json").read_text())
+        assert 0 <= scores["miou"] <= 1 and 0 <= scores["person_dice"] <= 1
+        assert 0 <= scores["truth"]["miou"] <= 1, scores
+    assert (root / "plots/evaluate/qualitative.png").is_file()
+    assert {f"confusion_{m}.png" for m in run["models"]} <= {p.name for p in (root / "plots/evaluate").iterdir()}
