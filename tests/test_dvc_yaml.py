@@ -73,9 +73,8 @@ def test_top_level_plots_and_artifacts_name_exactly_the_models_of_params_yaml():
     a model added to (or removed from) params.yaml must be added there too."""
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     models = list(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["models"])
-    for plot_name, metric in (("val_dice_by_model", "dice"), ("val_miou_by_model", "miou")):
-        curves = next(plot[plot_name] for plot in dvc_yaml["plots"] if plot_name in plot)
-        assert list(curves["y"]) == [f"dvclive/{name}/plots/metrics/val/{metric}.tsv" for name in models]
+    curves = next(plot["val_dice_by_model"] for plot in dvc_yaml["plots"] if "val_dice_by_model" in plot)
+    assert list(curves["y"]) == [f"dvclive/{name}/plots/metrics/val/dice.tsv" for name in models]
     assert list(dvc_yaml["artifacts"]) == models
     for name, artifact in dvc_yaml["artifacts"].items():
         assert artifact["path"] == f"models/{name}/best.pt" and artifact["type"] == "model"
