@@ -6,6 +6,7 @@
     charseg compare
     charseg remote check
     charseg agreement --a vit_b --b mobile_sam.pt
+    charseg app            # http://127.0.0.1:7860
 
 Each command is a module of the package with its own `main(argv)`; `charseg <command> --help` lists its options.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "compare": "one row per DVC experiment: each model's val Dice, Dice and boundary F1",
     "remote": "check the DVC remote before a pull (make pull)",
     "agreement": "label a sample of frames with two labelling backends and score how well they agree",
+    "app": "a local web page: every trained model's masks side by side on your images and clips",
 }
 
 

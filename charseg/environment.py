@@ -23,3 +23,5 @@ def configure() -> None:
     # packages at run time.
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.cwd() / ".ultralytics"))
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    # Gradio (charseg app) sends usage analytics unless told not to: the page works on closed networks.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -168,8 +168,13 @@ class Layout:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def exports(self) -> Path:
+        """ONNX exports of the trained models (`charseg export`)."""
+        return self.root / "exports"
+
     def onnx(self, name: str) -> Path:
-        return self.root / "exports" / f"{name}.onnx"
+        return self.exports / f"{name}.onnx"
 
     @property
     def cache(self) -> Path:

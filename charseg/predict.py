@@ -7,10 +7,11 @@ default ./params.yaml) and --model names one of its models, the file must hold t
 
 - An image or a folder of images: --output is a folder with `<stem>.mask.png` (0/255, the image's size) and
   `<stem>.overlay.jpg` (mask tinted and outlined) per image; full file names (`a.jpg.mask.png`) when stems collide.
-- A video (anything OpenCV decodes): --output is the overlay video (.mp4/.mov/.m4v: mp4v, .avi/.mkv: MJPG)
-  at the source's fps, size and frame count; --save-masks adds `<output stem>.masks/<frame:06d>.png`. --every N
-  runs the model on every Nth frame, the frames between reuse its mask; --smooth ALPHA averages
-  probabilities over consecutive inferred frames (exponential moving average) before thresholding.
+- A video (anything OpenCV decodes): --output is the overlay video (.mp4/.mov/.m4v: mp4v, .avi/.mkv: MJPG,
+  .webm: VP8, which browsers play) at the source's fps, size and frame count; --save-masks adds
+  `<output stem>.masks/<frame:06d>.png`. --every N runs the model on every Nth frame, the frames between
+  reuse its mask; --smooth ALPHA averages probabilities over consecutive inferred frames (exponential moving
+  average) before thresholding.
 
 A characters-task model (charseg.task) writes each mask as a colour PNG, every pixel its class's colour
 (task.palette: background black, other grey), and its overlay tints each class in that colour and writes the
@@ -51,7 +52,8 @@ from charseg.task import PERSON, Task, palette
 from charseg.video import VideoInfo, is_video_file, looks_truncated, probe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}  # all in OpenCV's wheels
+# All in OpenCV's wheels. WebM (VP8) is the one a browser plays (charseg app), at ~5-10x mp4v's encoding time.
+CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG", ".webm": "VP80"}
 MASK_SUFFIX, OVERLAY_SUFFIX, MASKS_DIR_SUFFIX = ".mask.png", ".overlay.jpg", ".masks"
 TINT = (255, 0, 255)  # BGR magenta: rare in skin, hair and clothes, so the mask stays visible on people
 TINT_ALPHA = 0.45

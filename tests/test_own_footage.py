@@ -20,7 +20,10 @@ import pytest
 import torch
 import yaml
 
+from app_server import running_app
 from pipeline_utils import clone_repo, dvc, git, make, stages_run, user_env
+
+from charseg.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -214,6 +217,29 @@ def test_characters_task_on_own_videos_trains_evaluates_predicts_and_exports(imp
     exported = subprocess.run([*charseg, "export", "--model", "pspnet", "--output", str(tmp / "pspnet.onnx")],
                               cwd=repo, env=env, capture_output=True, text=True)
     assert exported.returncode == 0 and (tmp / "pspnet.onnx").is_file(), exported.stderr
+
+
+def test_app_shows_every_model_of_own_project_with_predicts_masks(imported, env, tmp):
+    """Issue 16 on the user's project: `charseg app` in the clone lists the four trained models and segments one
+    of the user's validation frames with each, mask for mask what `charseg predict` writes."""
+    from gradio_client import Client, handle_file
+
+    repo, _ = imported
+    frame = Layout(repo).frames.image(json.loads((repo / "data/split.json").read_text())["val"][0])
+    models = ["deeplabv3", "dinov2", "pspnet", "unetpp"]  # the page's order: its table, sorted by name
+    with running_app(repo, env=env) as url:
+        client = Client(url, verbose=False)
+        table = client.predict(api_name="/reload")[0]
+        assert [row[0] for row in table["data"]] == models, table
+        _, masks, _, _ = client.predict(handle_file(str(frame)), models, 0.5, False, api_name="/segment_image")
+    assert [m["caption"] for m in masks] == models
+    for name, mask in zip(models, masks):
+        out = tmp / f"app_predicted_{name}"
+        done = subprocess.run([sys.executable, "-m", "charseg", "predict", "--model", name, "--input", str(frame),
+                               "--output", str(out)], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(cv2.imread(mask["image"], cv2.IMREAD_UNCHANGED),
+                                      cv2.imread(str(out / f"{frame.stem}.mask.png"), cv2.IMREAD_UNCHANGED))
 
 
 @pytest.fixture(scope="module")
