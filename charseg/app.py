@@ -232,80 +232,96 @@ def _shown(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def build_page(layout: Layout, max_video_mb: float = DEFAULT_MAX_VIDEO_MB) -> Any:
-    """The gr.Blocks page of the project at layout.root."""
-    entries = find_models(layout)
-    out_dir = Path(tempfile.mkdtemp(prefix="charseg-app-"))
+class Page:
+    """The page's state (the models found, where videos are written) and its event handlers."""
 
-    def usable_labels() -> list[str]:
-        return [e.label for e in entries if e.segmenter is not None]
+    def __init__(self, layout: Layout, max_video_mb: float) -> None:
+        self.layout, self.max_video_mb = layout, max_video_mb
+        self.entries = find_models(layout)
+        self._videos = tempfile.TemporaryDirectory(prefix="charseg-app-")  # removed when the page goes
 
-    def reload() -> tuple[Any, ...]:
-        entries[:] = find_models(layout)
-        labels = usable_labels()
-        text, plots = comparison(layout)
-        return (model_rows(layout, entries), gr.update(choices=labels, value=labels),
-                gr.update(choices=labels, value=labels[0] if labels else None), text, plots,
-                "" if labels else f"**{NO_MODEL}**")
+    @property
+    def labels(self) -> list[str]:
+        return [e.label for e in self.entries if e.segmenter is not None]
 
-    @_shown
-    def on_image(upload: dict[str, Any] | None, labels: list[str], threshold: float,
+    def notice(self) -> str:
+        return "" if self.labels else f"**{NO_MODEL}**"
+
+    def reload(self) -> tuple[Any, ...]:
+        """Rescan the models and the reports (after a `dvc repro` or `dvc pull` while the page is up)."""
+        self.entries = find_models(self.layout)
+        labels = self.labels
+        text, plots = comparison(self.layout)
+        return (model_rows(self.layout, self.entries), gr.update(choices=labels, value=labels),
+                gr.update(choices=labels, value=labels[0] if labels else None), text, plots, self.notice())
+
+    def on_image(self, upload: dict[str, Any] | None, labels: list[str], threshold: float,
                  show_probs: bool) -> tuple[Any, ...]:
         # Unpreprocessed (preprocess=False): the uploaded file as it came, read by OpenCV as predict reads it,
         # so a file that is no image gets charseg's message rather than gradio's.
-        result = segment_image(entries, labels, read_frame((upload or {}).get("path")), threshold, show_probs)
+        result = segment_image(self.entries, labels, read_frame((upload or {}).get("path")), threshold, show_probs)
         return (result.overlays, result.masks, gr.update(value=result.probabilities, visible=show_probs),
                 result.legend)
 
-    @_shown
-    def on_video(path: str | None, label: str | None, threshold: float,
-                 progress: Any = gr.Progress(track_tqdm=True)) -> str:
-        return str(segment_video(entries, label, path, threshold, max_video_mb, out_dir))
+    def on_video(self, path: str | None, label: str | None, threshold: float,
+                 progress: Any = gr.Progress(track_tqdm=True)) -> str:  # predict's tqdm bar, shown on the page
+        return str(segment_video(self.entries, label, path, threshold, self.max_video_mb, Path(self._videos.name)))
 
-    labels = usable_labels()
-    text, plots = comparison(layout)
-    with gr.Blocks(title="charseg") as page:
+
+def _image_tab(page: Page) -> Any:
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image", elem_id="image-input")
+            chosen = gr.CheckboxGroup(page.labels, value=page.labels, label="models")
+            threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="threshold (person task: P(person) above it)")
+            show_probs = gr.Checkbox(False, label="show probability maps")
+            run = gr.Button("Segment", variant="primary", elem_id="segment-image")
+            examples = validation_frames(page.layout)
+            if examples:
+                gr.Examples(examples, inputs=image, label="validation frames")
+        with gr.Column(scale=3):
+            overlays = gr.Gallery(label="overlays", columns=2, format="png", elem_id="overlays")
+            legend = gr.HTML()
+            probs = gr.Gallery(label="probability maps", columns=2, format="png", visible=False)
+            masks = gr.Gallery(label="masks (as charseg predict writes them)", columns=4, format="png")
+    run.click(_shown(page.on_image), [image, chosen, threshold, show_probs], [overlays, masks, probs, legend],
+              api_name="segment_image", preprocess=False)
+    return chosen
+
+
+def _video_tab(page: Page) -> Any:
+    with gr.Row():
+        with gr.Column():
+            video = gr.Video(label=f"short clip (up to {page.max_video_mb:g} MB)", sources=["upload"])
+            model = gr.Dropdown(page.labels, value=page.labels[0] if page.labels else None, label="model")
+            threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="threshold (person task)")
+            run = gr.Button("Segment video", variant="primary")
+        result = gr.Video(label="overlay video")
+    run.click(_shown(page.on_video), [video, model, threshold], result, api_name="segment_video")
+    return model
+
+
+def build_page(layout: Layout, max_video_mb: float = DEFAULT_MAX_VIDEO_MB) -> Any:
+    """The gr.Blocks page of the project at layout.root."""
+    page = Page(layout, max_video_mb)
+    with gr.Blocks(title="charseg") as blocks:
         gr.Markdown(f"# charseg: models of `{layout.root.resolve().name}`")
-        notice = gr.Markdown("" if labels else f"**{NO_MODEL}**")
+        notice = gr.Markdown(page.notice())
         with gr.Row():
-            table = gr.Dataframe(model_rows(layout, entries), headers=MODEL_COLUMNS, interactive=False,
+            table = gr.Dataframe(model_rows(layout, page.entries), headers=MODEL_COLUMNS, interactive=False,
                                  label="trained models", scale=5)
             reload_button = gr.Button("Reload", scale=1)
         with gr.Tab("Image"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image",
-                                     elem_id="image-input")
-                    chosen = gr.CheckboxGroup(labels, value=labels, label="models")
-                    threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01,
-                                          label="threshold (person task: P(person) above it)")
-                    show_probs = gr.Checkbox(False, label="show probability maps")
-                    run = gr.Button("Segment", variant="primary", elem_id="segment-image")
-                    examples = validation_frames(layout)
-                    if examples:
-                        gr.Examples(examples, inputs=image, label="validation frames")
-                with gr.Column(scale=3):
-                    overlays = gr.Gallery(label="overlays", columns=2, format="png", elem_id="overlays")
-                    legend = gr.HTML()
-                    probs = gr.Gallery(label="probability maps", columns=2, format="png", visible=False)
-                    masks = gr.Gallery(label="masks (as charseg predict writes them)", columns=4, format="png")
-            run.click(on_image, [image, chosen, threshold, show_probs], [overlays, masks, probs, legend],
-                      api_name="segment_image", preprocess=False)
+            chosen = _image_tab(page)
         with gr.Tab("Video"):
-            with gr.Row():
-                with gr.Column():
-                    video = gr.Video(label=f"short clip (up to {max_video_mb:g} MB)", sources=["upload"])
-                    video_model = gr.Dropdown(labels, value=labels[0] if labels else None, label="model")
-                    video_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="threshold")
-                    run_video = gr.Button("Segment video", variant="primary")
-                result_video = gr.Video(label="overlay video")
-            run_video.click(on_video, [video, video_model, video_threshold], result_video, api_name="segment_video")
+            video_model = _video_tab(page)
         with gr.Tab("Comparison"):
+            text, plots = comparison(layout)
             comparison_text = gr.Markdown(text)
             comparison_plots = gr.Gallery(plots, label="plots/evaluate", columns=2)
-        reload_button.click(reload, None, [table, chosen, video_model, comparison_text, comparison_plots, notice],
+        reload_button.click(page.reload, None, [table, chosen, video_model, comparison_text, comparison_plots, notice],
                             api_name="reload")
-    return page
+    return blocks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

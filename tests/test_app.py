@@ -44,6 +44,14 @@ def characters_checkpoint(root: Path, name: str = "cast") -> Path:
     return checkpoint
 
 
+def read_frames(path: str | Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.grab():
+        count += 1
+    return count
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A trained project as the page finds it: two checkpoints, an ONNX export, a damaged checkpoint,
@@ -156,11 +164,7 @@ def test_video_is_predicts_overlay_video_in_webm(entries, tmp_path):
     clip = write_video(tmp_path / "clip.avi", 7, 10.0, (64, 48))
     output = app.segment_video(entries, "cast", clip, 0.5, max_mb=10, out_dir=tmp_path)
     assert output.suffix == ".webm" and output.parent.parent == tmp_path
-    capture = cv2.VideoCapture(str(output))
-    frames = []
-    while (read := capture.read())[0]:
-        frames.append(read[1])
-    assert len(frames) == 7 and frames[0].shape == (48, 64, 3)
+    assert read_frames(output) == 7 and cv2.VideoCapture(str(output)).read()[1].shape == (48, 64, 3)
 
 
 def test_bad_video_input_is_a_message(entries, tmp_path):
@@ -215,6 +219,9 @@ def test_running_app_through_gradio_client_gives_predicts_masks(project, frame_f
         bad.write_bytes(b"not an image")
         with pytest.raises(AppError, match="bad.png is not a readable image"):
             client.predict(handle_file(str(bad)), ["cast"], 0.5, False, api_name="/segment_image")
+        small = write_video(tmp_path / "small.avi", 20, 10.0, (64, 48))
+        overlay = client.predict(handle_file(str(small)), "cast", 0.5, api_name="/segment_video")
+        assert read_frames(overlay["video"] if isinstance(overlay, dict) else overlay) == 20
         # Refused before the upload (gradio's max_file_size), as the browser refuses it on the page.
         with pytest.raises((AppError, ValueError), match="exceeds the maximum file size"):
             client.predict(handle_file(str(clip)), "pspnet", 0.5, api_name="/segment_video")
