@@ -2,7 +2,6 @@
 interruption, NaN handling, params overrides, bad input, and a 2-process torchrun run."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,9 +22,11 @@ from charseg.errors import CharsegError
 from charseg.layout import FramesDir, MasksDir
 from charseg.metrics import confusion, dice
 from charseg.models import load_checkpoint
-from charseg.train import Trainer, TrainPaths, dice_loss, train_model
+from charseg.train import Trainer, dice_loss, train_model
 from stages.train import main
 from tests.conftest import REPO_ROOT
+from train_helpers import train_config as config
+from train_helpers import train_paths as paths
 
 # PSPNet-resnet18 without pretrained weights: the smallest model of the registry (0.8 M parameters).
 TINY_MODEL = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "encoder_lr_mult": 1.0}
@@ -73,21 +74,9 @@ def frames(tmp_path_factory) -> Path:
     return make_frames(tmp_path_factory.mktemp("frames"), n_train=32, n_val=8)
 
 
-def config(**changes) -> TrainConfig:
-    base = TrainConfig(lr=3e-3, weight_decay=1e-4, epochs=2, batch_size=8, img_size=64, seed=0,
-                       warmup_epochs=0.5, min_lr_ratio=0.01, patience=0, workers=0, amp=True,
-                       augment=AugmentConfig(hflip=0.5, scale=0.1, shift=0.05, color=0.2))
-    return dataclasses.replace(base, **changes)
-
-
 def tiny_model(name: str = "tiny") -> ModelConfig:
     return ModelConfig(name=name, arch="pspnet", encoder="resnet18", encoder_weights=None, encoder_lr_mult=1.0,
                        params=TINY_MODEL)
-
-
-def paths(data: Path, run: Path) -> TrainPaths:
-    return TrainPaths(split=data / "split.json", frames=FramesDir(data / "frames"), masks=MasksDir(data / "masks"),
-                      models=run / "models", live=run / "dvclive", cache=run / ".cache")
 
 
 def train(data: Path, run: Path, cfg: TrainConfig, name: str = "tiny") -> dict:

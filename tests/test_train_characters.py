@@ -14,14 +14,16 @@ import pytest
 import torch
 import yaml
 
-from charseg.config import AugmentConfig, ModelConfig, TrainConfig, load_params
+from charseg.config import ModelConfig, TrainConfig, load_params
 from charseg.errors import CharsegError
 from charseg.io import read_csv
 from charseg.layout import FramesDir, IdentityDir, MasksDir
 from charseg.models import load_checkpoint
-from charseg.train import Trainer, TrainPaths, train_model
+from charseg.train import Trainer, train_model
 from stages.train import main
 from tests.conftest import REPO_ROOT
+from train_helpers import train_config
+from train_helpers import train_paths as paths
 
 CLASSES = ["background", "alice", "bob", "other"]
 TINY_MODEL = {"arch": "pspnet", "encoder": "resnet18", "encoder_weights": None, "encoder_lr_mult": 1.0}
@@ -91,10 +93,8 @@ def characters(tmp_path_factory) -> Path:
 
 
 def config(**changes) -> TrainConfig:
-    base = TrainConfig(lr=3e-3, weight_decay=1e-4, epochs=2, batch_size=8, img_size=64, seed=0,
-                       warmup_epochs=0.5, min_lr_ratio=0.01, patience=0, workers=0, amp=True,
-                       augment=AugmentConfig(hflip=0.5, scale=0.1, shift=0.05, color=0.1))
-    return dataclasses.replace(base, **changes)
+    """train_config with half its colour jitter: costume colours are what tells the characters apart."""
+    return train_config(augment=dataclasses.replace(train_config().augment, color=0.1), **changes)
 
 
 def tiny_model(params: dict | None = None) -> ModelConfig:
@@ -103,10 +103,6 @@ def tiny_model(params: dict | None = None) -> ModelConfig:
                        encoder_lr_mult=1.0, params=params)
 
 
-def paths(data: Path, run: Path) -> TrainPaths:
-    return TrainPaths(split=data / "split.json", frames=FramesDir(data / "frames"), masks=MasksDir(data / "masks"),
-                      identity=IdentityDir(data / "identity"), models=run / "models", live=run / "dvclive",
-                      cache=run / ".cache")
 
 
 def curve(run: Path, metric: str) -> list[float]:
