@@ -47,6 +47,7 @@ from charseg.labels.imported import (CHARACTERS_FILE, MaskMismatch, mask_files, 
                                      read_character_values)
 from charseg.layout import (BACKGROUND, FRAME_COLUMNS, IDENTITY_COLUMNS, INSTANCE_COLUMNS, OTHER, FramesDir,
                             IdentityDir, MasksDir)
+from charseg.tiles import spread_indices, tile_grid
 
 MIN_PIXELS = 50             # an instance smaller than this is `other`: too few pixels to tell who it is
 MIN_ONE_PERSON_FRAMES = 3   # a prototype from one-person frames only when its folder has at least this many
@@ -385,9 +386,8 @@ def _contact_sheet(instances: list[Instance], count: int, frames: FramesDir, mas
     """Up to `count` crops, evenly spread from the most to the least similar."""
     ordered = sorted(instances, key=lambda i: (-(i.similarity if i.similarity is not None else 2.0),
                                                i.frame_id, i.key))
-    picks = sorted(set(np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int)))
     tiles = []
-    for i in picks:
+    for i in spread_indices(len(ordered), count):
         inst = ordered[i]
         ids = read_instance_map(masks, rows[inst.frame_id])
         try:
@@ -395,9 +395,7 @@ def _contact_sheet(instances: list[Instance], count: int, frames: FramesDir, mas
         except CharsegError:
             frame = None  # an unreadable frame: the tile still names the instance
         tiles.append(_crop_tile(frame, ids, inst))
-    width = min(len(tiles), SHEET_COLUMNS)
-    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % width)
-    return np.vstack([np.hstack(tiles[i:i + width]) for i in range(0, len(tiles), width)])
+    return tile_grid(tiles, min(len(tiles), SHEET_COLUMNS))
 
 
 def _assignment_bars(path: Path, instances: list[Instance]) -> None:

@@ -47,6 +47,7 @@ from charseg.labels.imported import (MaskMismatch, is_uniform, mask_files, read_
 from charseg.labels.refine import refine_instances, refine_mask
 from charseg.layout import INSTANCE_COLUMNS, LABEL_COLUMNS, FramesDir, MasksDir
 from charseg.metrics import Counts, confusion, dice
+from charseg.tiles import spread_indices, tile_grid
 
 TILE_WIDTH, GRID_COLUMNS = 320, 4
 
@@ -287,13 +288,6 @@ def overlay_tile(frame_path: Path, mask_path: Path, row: dict[str, Any]) -> np.n
     return np.vstack([caption, tile])
 
 
-def tile_grid(tiles: list[np.ndarray]) -> np.ndarray:
-    height = max(t.shape[0] for t in tiles)
-    cells = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0))) for t in tiles]
-    cells += [np.zeros_like(cells[0])] * (-len(cells) % GRID_COLUMNS)
-    return np.vstack([np.hstack(cells[i:i + GRID_COLUMNS]) for i in range(0, len(cells), GRID_COLUMNS)])
-
-
 def _histogram(path: Path, values: list[float], bins: Any, title: str, xlabel: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -311,8 +305,7 @@ def spread_sample(rows: list[dict[str, Any]], samples: int) -> list[dict[str, An
     """Up to `samples` of the rows (one character's frames), evenly spread over its videos' time: the same
     rows for the same manifest, whatever order it lists them in."""
     ordered = sorted(rows, key=lambda r: (r["video"], float(r["timestamp"]), r["id"]))
-    picks = sorted(set(np.linspace(0, len(ordered) - 1, min(samples, len(ordered))).round().astype(int)))
-    return [ordered[i] for i in picks]
+    return [ordered[i] for i in spread_indices(len(ordered), samples)]
 
 
 def _overlay_grids(tmp: Path, rows: list[dict[str, Any]], frames: FramesDir, masks: MasksDir, samples: int) -> None:
@@ -325,7 +318,7 @@ def _overlay_grids(tmp: Path, rows: list[dict[str, Any]], frames: FramesDir, mas
         picks = spread_sample(char_rows, samples)
         if picks:
             tiles = [overlay_tile(frames.image(row["id"]), masks.mask(row["id"]), row) for row in picks]
-            imwrite_atomic(tmp / f"overlays_{slugify(character)}.png", tile_grid(tiles))
+            imwrite_atomic(tmp / f"overlays_{slugify(character)}.png", tile_grid(tiles, GRID_COLUMNS))
 
 
 def write_qa_plots(plots_dir: Path, rows: list[dict[str, Any]], frames: FramesDir, masks: MasksDir,
