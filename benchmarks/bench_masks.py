@@ -2,7 +2,7 @@
 yolo_seg, the whole masks stage with a cold label cache, and 1 against 2 labelling worker processes.
 
     .venv/bin/python benchmarks/bench_masks.py [--frames 4] [--size 640x480] [--device cpu] [--half|--no-half]
-        [--backends vit_b,mobile_sam.pt,mobile_sam.pt@onnx,sam2.1_t.pt,yolo_seg]
+        [--backends vit_b,mobile_sam.pt,mobile_sam.pt@onnx,mobile_sam.pt@640,mobile_sam.pt@onnx@640,...]
         [--workers-backend mobile_sam.pt] [--workers-frames 4] [--json FIGURES]
     GPU mode (benchmarks/device_check.py): --device cuda --half --workers-frames 0 --json FIGURES
     smoke run (well under a minute on an idle 2-core box):
@@ -21,11 +21,15 @@ PersonDetector.detect in every process, workers included, through a module-level
 yolo_seg runs its segmentation model for real and keeps its (empty) answer: its cost is the forward pass,
 which does not depend on how many persons it finds.
 
+A SPEC is `charseg agreement`'s: @onnx for labels.sam.runtime, @640 for labels.sam.image_size (the encoder's
+square input; the default rows time MobileSAM at 640 and 512 besides 1024, the trained size).
+
 Figures, each backend in the same run (ratio: frames/s over vit_b's, when vit_b is among --backends):
   labeler   build_labeler(cfg).label on all frames, labels.detector.batch at a time, models already loaded
   stage     charseg.masks.make_masks on the same frames, empty label cache: models loaded in the run, refine,
             PNGs, manifest, QA plots: what a user waits for
-  (@onnx backends: the one-time encoder export is done and timed first, and kept out of both figures)
+  (@onnx backends: the one-time encoder export, one per image size, is done and timed first, and kept out of
+  both figures)
 Workers: make_masks with labels.workers 1 and then 2 on --workers-backend, cold label cache each; each of
 N workers gets cores // N torch threads. The 2-worker figure includes spawning the processes and loading
 the models in each (~10 s on 2 busy cores), so give it enough --workers-frames to show the steady state.
@@ -47,7 +51,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_BACKENDS = "vit_b,mobile_sam.pt,mobile_sam.pt@onnx,sam2.1_t.pt,yolo_seg"
+DEFAULT_BACKENDS = ("vit_b,mobile_sam.pt,mobile_sam.pt@onnx,mobile_sam.pt@640,mobile_sam.pt@onnx@640,"
+                    "mobile_sam.pt@onnx@512,sam2.1_t.pt,yolo_seg")
 ULTRALYTICS_BUILDERS = {"mobile_sam.pt": "build_mobile_sam", "sam2.1_t.pt": "build_sam2_t"}
 
 

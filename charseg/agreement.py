@@ -1,14 +1,16 @@
 """`charseg agreement`: how well two labelling backends agree, on a fixed sample of frames per character.
 
     charseg agreement --a vit_b --b mobile_sam.pt
-    charseg agreement --a mobile_sam.pt --b mobile_sam.pt@onnx --per-character 20
+    charseg agreement --a mobile_sam.pt@onnx --b mobile_sam.pt@onnx@640 --per-character 20
     charseg agreement --a mobile_sam.pt --b yolo_seg --seg-weights weights/yolo11n-seg.pt
 
 A SPEC is a SAM-family backend as labels.sam.model takes it (vit_b, vit_l, vit_h, mobile_sam.pt,
-sam2.1_t.pt, ...), optionally with @torch or @onnx for labels.sam.runtime, or `yolo_seg` (a YOLO
-segmentation model's own person masks, from --seg-weights). Everything else (detector, refinement,
-device, label cache) is params.yaml's labels section, and both backends label through the label cache:
-the masks stage later reuses what was labelled here, and what the stage labelled is not labelled again.
+sam2.1_t.pt, ...), optionally followed by @torch or @onnx for labels.sam.runtime and/or by @SIZE for
+labels.sam.image_size (@640: the encoder at 640^2, faster and coarser; ultralytics models only), in either
+order; or `yolo_seg` (a YOLO segmentation model's own person masks, from --seg-weights). What a SPEC leaves
+out, and everything else (detector, refinement, device, label cache), is params.yaml's labels section, and
+both backends label through the label cache: the masks stage later reuses what was labelled here, and what
+the stage labelled is not labelled again.
 
 The frames: up to --per-character frames of each character, spread over its videos' time (the rule of
 the masks stage's QA grids: the same frames on every run). Both labels are refined as the masks stage
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from charseg.config import PARAMS_FILE, SCHEMA, LabelsConfig, load_config
 from charseg.errors import CharsegError, warn
 from charseg.io import read_manifest, write_json, write_text_atomic
-from charseg.label_shards import LabelerFactory, labels_through_cache
+from charseg.label_shards import Labeler, LabelerFactory, labels_through_cache
 from charseg.labels.cache import LabelCache
 from charseg.labels.detect import build_labeler
 from charseg.labels.weights import SAM_RELEASES
@@ -40,20 +42,38 @@ from charseg.metrics import Counts, boundary_f1, confusion, dice
 
 YOLO_SEG = "yolo_seg"
 RUNTIMES: tuple[str, ...] = SCHEMA["labels"]["sam"]["runtime"].choices
+IMAGE_SIZE = SCHEMA["labels"]["sam"]["image_size"]  # what a @SIZE may be: params.yaml's own rule
 DEFAULT_SEG_WEIGHTS = PROJECT.weights / "yolov8s-seg.pt"  # the segmentation twin of the default detector
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A SPEC's backend name and the labels.sam fields its @-suffixes set ({'runtime': 'onnx', 'image_size': 640})."""
+    name, *suffixes = spec.split("@")
+    fields: dict[str, Any] = {}
+    for suffix in suffixes:
+        field = "image_size" if suffix.isdigit() else "runtime"
+        if field in fields:
+            raise CharsegError(f"backend {spec!r} names its {field.replace('_', ' ')} twice: at most one @runtime "
+                               f"and one @SIZE (e.g. mobile_sam.pt@onnx@640)")
+        if field == "runtime" and suffix not in RUNTIMES:
+            raise CharsegError(f"backend {spec!r}: runtime {suffix!r} is unknown: use {' or '.join(RUNTIMES)} "
+                               f"after the @ (e.g. mobile_sam.pt@onnx), a size (e.g. @640), or leave it out for "
+                               f"params.yaml's labels.sam")
+        fields[field] = int(suffix) if field == "image_size" else suffix
+    if "image_size" in fields:  # the same rule as params.yaml's, named after the spec
+        IMAGE_SIZE.check(fields["image_size"], "labels.sam.image_size", f"backend {spec!r}")
+    return name, fields
 
 
 def backend_config(cfg: LabelsConfig, spec: str, seg_weights: Path) -> LabelsConfig:
     """The labels config that labels with `spec`: params.yaml's, with the method and backend replaced."""
-    name, _, runtime = spec.partition("@")
-    if runtime and runtime not in RUNTIMES:
-        raise CharsegError(f"backend {spec!r}: runtime {runtime!r} is unknown: use {' or '.join(RUNTIMES)} "
-                           f"after the @ (e.g. mobile_sam.pt@onnx), or leave it out for labels.sam.runtime")
+    name, fields = parse_spec(spec)
     if name == YOLO_SEG:
-        if runtime:
-            raise CharsegError(f"backend {spec!r}: yolo_seg runs no SAM, so it takes no @runtime: write yolo_seg")
+        if fields:
+            raise CharsegError(f"backend {spec!r}: yolo_seg runs no SAM, so it takes no @runtime or @SIZE: write "
+                               f"yolo_seg")
         return replace(cfg, method=YOLO_SEG, detector=replace(cfg.detector, weights=seg_weights))
-    sam = replace(cfg.sam, model=name, runtime=runtime or cfg.sam.runtime)
+    sam = replace(cfg.sam, model=name, **fields)
     if name in SAM_RELEASES and name != cfg.sam.model:  # another vit_*: its official checkpoint, beside params'
         sam = replace(sam, checkpoint=cfg.sam.checkpoint.parent / SAM_RELEASES[name].filename)
     return replace(cfg, method="yolo_sam", sam=sam)
@@ -68,11 +88,10 @@ def sample_rows(rows: list[dict[str, Any]], per_character: int) -> list[dict[str
                                                                                per_character)]
 
 
-def final_masks(rows: list[dict[str, Any]], frames: FramesDir, cfg: LabelsConfig, factory: LabelerFactory,
+def final_masks(rows: list[dict[str, Any]], frames: FramesDir, cfg: LabelsConfig, labeler: Labeler,
                 spec: str) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
-    """The refined mask of each readable frame by id (through the label cache), the labeler's settings,
-    and the frames that could not be read."""
-    labeler = factory(cfg, device=None)
+    """The refined mask of each readable frame by id (through `labeler`, built from `cfg`, and the label
+    cache), the labeler's settings, and the frames that could not be read."""
     cache = LabelCache(cfg.cache_dir, labeler.fingerprint)
     masks: dict[str, np.ndarray] = {}
     unreadable: list[str] = []
@@ -144,9 +163,12 @@ def measure_agreement(frames: FramesDir, cfg: LabelsConfig, spec_a: str, spec_b:
     rows = sample_rows(read_manifest(frames.manifest), per_character)
     if not rows:
         raise CharsegError(f"{frames.manifest} lists no frames: run the frames stage first (dvc repro frames)")
-    configs = [backend_config(cfg, spec, seg_weights) for spec in (spec_a, spec_b)]  # bad specs fail first
+    configs = [backend_config(cfg, spec, seg_weights) for spec in (spec_a, spec_b)]
+    # Both labelers before any labelling (their models load on first use): a spec the labeler refuses (vit_b@640,
+    # absent weights) stops the run before the other backend spent minutes on the frames.
+    labelers = [factory(backend, device=None) for backend in configs]
     (masks_a, settings_a, unreadable), (masks_b, settings_b, _) = \
-        (final_masks(rows, frames, backend, factory, spec) for backend, spec in zip(configs, (spec_a, spec_b)))
+        (final_masks(rows, frames, *args) for args in zip(configs, labelers, (spec_a, spec_b)))
     return {"a": {"spec": spec_a, "settings": settings_a}, "b": {"spec": spec_b, "settings": settings_b},
             "per_character_limit": per_character, "tolerance_px": tolerance_px,
             **score(rows, masks_a, masks_b, tolerance_px), "frames": [row["id"] for row in rows],
@@ -158,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:5]))
     parser.add_argument("--a", required=True, metavar="SPEC", help="first backend: vit_b, mobile_sam.pt, "
-                        "sam2.1_t.pt, mobile_sam.pt@onnx, yolo_seg, ...")
+                        "sam2.1_t.pt, mobile_sam.pt@onnx, mobile_sam.pt@640 (labels.sam.image_size 640), "
+                        "mobile_sam.pt@onnx@640, yolo_seg, ...")
     parser.add_argument("--b", required=True, metavar="SPEC", help="second backend, as --a")
     parser.add_argument("--frames", type=Path, default=PROJECT.frames.root, help="frames stage output")
     parser.add_argument("--per-character", type=int, default=10, metavar="N", help="frames per character")

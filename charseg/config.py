@@ -26,6 +26,8 @@ import yaml
 from charseg.errors import CharsegError
 
 PARAMS_FILE = Path("params.yaml")
+# The square input side every SAM-family image encoder was trained at (labels.sam.image_size's default and cap).
+SAM_IMAGE_SIZE = 1024
 
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -69,13 +71,15 @@ def interval(lo: float | None, hi: float | None, lo_open: bool = False, hi_open:
 
 @dataclass(frozen=True)
 class Num:
-    """A number in an interval; `integer`: a whole number; `nullable`: null is allowed too."""
+    """A number in an interval; `integer`: a whole number; `nullable`: null is allowed too; `multiple_of`:
+    a whole multiple of this."""
     lo: float | None = None
     hi: float | None = None
     integer: bool = False
     lo_open: bool = False
     hi_open: bool = False
     nullable: bool = False
+    multiple_of: int | None = None
 
     def check(self, value: Any, key: str, source: str) -> None:
         if value is None and self.nullable:
@@ -89,6 +93,10 @@ class Num:
                 (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))):
             raise CharsegError(f"{source}: '{key}' = {value} is outside "
                                f"{interval(self.lo, self.hi, self.lo_open, self.hi_open)}")
+        if self.multiple_of and value % self.multiple_of:
+            below = int(value // self.multiple_of * self.multiple_of)
+            raise CharsegError(f"{source}: '{key}' = {value} is not a multiple of {self.multiple_of} (the nearest "
+                               f"are {below} and {below + self.multiple_of})")
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,10 @@ SCHEMA: dict[str, Any] = {
             "model": Text(),  # vit_b | vit_l | vit_h, or an ultralytics SAM-family file: charseg.labels.weights
             "checkpoint": Text(),
             "runtime": Text(choices=("torch", "onnx")),
+            # The encoders' square input side. A multiple of 32: the SAM predictors' stride, to which ultralytics
+            # would silently round any other size for the prompts but not for the image (misplaced boxes).
+            # At most the 1024 every SAM was trained at: larger costs more and sees detail no training did.
+            "image_size": Num(lo=256, hi=SAM_IMAGE_SIZE, integer=True, multiple_of=32),
         },
         "refine": {
             "close_kernel": Num(lo=0, integer=True),
@@ -379,6 +391,7 @@ class SamConfig:
     model: str                  # vit_b | vit_l | vit_h (segment-anything), or an ultralytics SAM-family weights file
     checkpoint: Path            # the vit_* checkpoint (ultralytics files are named by `model` itself)
     runtime: str = "torch"      # torch | onnx: where the image encoder runs (onnx: not SAM 2)
+    image_size: int = SAM_IMAGE_SIZE  # the encoder's square input side: smaller is faster and coarser (not vit_*)
 
 
 @dataclass(frozen=True)

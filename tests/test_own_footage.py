@@ -325,7 +325,13 @@ def test_weights_present_label_every_frame_and_train_on_cached_pretrained_encode
     source = json.loads((repo / "data/masks/report.json").read_text())["source"]
     assert source["sam_model_type"] == "mobile_sam.pt"
     assert source["sam_sha256"] == hashlib.sha256((repo / "weights/mobile_sam.pt").read_bytes()).hexdigest()
-    run = dvc(repo, "exp", "run", "-S", "labels.sam.model=vit_b", "masks", env=env)
+    # Its encoder at 640^2 (issue 13's CPU lever) is a param too, and labels apart from 1024's.
+    run = dvc(repo, "exp", "run", "-S", "labels.sam.model=mobile_sam.pt", "-S", "labels.sam.image_size=640", "masks",
+              env=env)
+    assert f"masks: {len(frames)} frames labelled now, 0 from the label cache" in run.stdout
+    assert json.loads((repo / "data/masks/report.json").read_text())["source"]["sam_image_size"] == 640
+    run = dvc(repo, "exp", "run", "-S", "labels.sam.model=vit_b", "-S", "labels.sam.image_size=1024", "masks",
+              env=env)
     assert f"masks: 0 frames labelled now, {len(frames)} from the label cache" in run.stdout
     assert json.loads((repo / "data/masks/report.json").read_text())["source"]["sam_model_type"] == "vit_b"
 

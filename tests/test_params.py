@@ -114,6 +114,12 @@ def test_arch_specific_options_are_known_keys(tmp_path):
                                         "yolo_sam, yolo_seg, import"),
     ({"models": {"unetpp": {"arch": "unet"}}},
      "'models.unetpp.arch' is 'unet' (did you mean 'unetpp'?): use one of unetpp, pspnet, deeplabv3, dinov2_fpn"),
+    ({"labels": {"sam": {"image_size": 600}}},
+     "'labels.sam.image_size' = 600 is not a multiple of 32 (the nearest are 576 and 608)"),
+    ({"labels": {"sam": {"image_size": 2048}}}, "'labels.sam.image_size' = 2048 is outside [256, 1024]"),
+    ({"labels": {"sam": {"image_size": 128}}}, "'labels.sam.image_size' = 128 is outside [256, 1024]"),
+    ({"labels": {"sam": {"image_size": 640.5}}}, "'labels.sam.image_size' must be a whole number, got 640.5"),
+    ({"labels": {"sam": {"image_size": "640px"}}}, "'labels.sam.image_size' must be a whole number, got '640px'"),
 ])
 def test_values_that_make_no_sense_name_the_key_and_the_allowed_range(tmp_path, changes, message):
     assert error_of(tmp_path, changes) == message

@@ -40,18 +40,18 @@ def sam_weights(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sam_weights")
 
 
-def backend_config(tmp_path, model: str, runtime: str = "torch", **changes):
+def backend_config(tmp_path, model: str, runtime: str = "torch", image_size: int = 1024, **changes):
     (tmp_path / "weights").mkdir(exist_ok=True)
     (tmp_path / "weights/yolov8s.pt").write_bytes(b"planted detector: hashed, never loaded")
     return config(tmp_path, sam=SamConfig(model=model, checkpoint=tmp_path / "weights/sam_vit_b_01ec64.pth",
-                                          runtime=runtime), refine=RefineConfig(close_kernel=5, min_area=0.01),
-                  **changes)
+                                          runtime=runtime, image_size=image_size),
+                  refine=RefineConfig(close_kernel=5, min_area=0.01), **changes)
 
 
 @pytest.fixture
 def planted(monkeypatch):
-    """build_labeler's real segmenter for the backend, its detector planted; every segment call recorded as
-    (boxes, masks, scores)."""
+    """build_labeler's real segmenter for the backend, its detector planted; every image encoder pass recorded
+    as ("encoder pass", its input's (height, width)) and every segment call as (boxes, masks, scores)."""
     calls = []
     make_segmenter = detect.make_segmenter
 
@@ -59,7 +59,8 @@ def planted(monkeypatch):
         segmenter = make_segmenter(*args, **kwargs)
         segment = segmenter.segment
         sam = segmenter.model if hasattr(segmenter, "model") else segmenter.predictor.model
-        sam.image_encoder.register_forward_hook(lambda *_: calls.append("encoder pass"))
+        sam.image_encoder.register_forward_hook(lambda _, args, __: calls.append(("encoder pass",
+                                                                                 tuple(args[0].shape[-2:]))))
 
         def spy(image, boxes):
             calls.append((boxes.copy(), *segment(image, boxes)))
@@ -76,13 +77,14 @@ def planted(monkeypatch):
 
 def check_labels_of_the_stage(tmp_path, cfg, calls, n_boxes=3):
     """One segmenter call for the frame with persons, n boxes -> n frame-sized masks and scores, and the
-    written mask is the refined union of exactly those masks (the same for every backend)."""
+    written mask is the refined union of exactly those masks (the same for every backend); the encoder ran
+    once, at labels.sam.image_size."""
     make_frames(tmp_path / "frames", ids=IDS)
     threads = torch.get_num_threads()
     metrics, rows, out = run(tmp_path, cfg)
     assert torch.get_num_threads() == threads, "ultralytics' device selection changed torch's CPU threads"
     encoder_pass, (boxes, masks, scores) = calls  # one image embedding for the frame's three boxes
-    assert encoder_pass == "encoder pass"
+    assert encoder_pass == ("encoder pass", (cfg.sam.image_size, cfg.sam.image_size))
     assert boxes.shape == (n_boxes, 4) and masks.shape == (n_boxes, 48, 64) and masks.dtype == bool
     assert scores.shape == (n_boxes,) and np.isfinite(scores).all()
     row = rows[IDS[0]]
@@ -101,16 +103,41 @@ def test_mobile_sam_torch_through_the_stage(tmp_path, sam_weights, planted):
     path = sam_file(sam_weights, "mobile_sam.pt", "build_mobile_sam")
     source = check_labels_of_the_stage(tmp_path, backend_config(tmp_path, str(path)), planted)
     assert source["sam_model_type"] == "mobile_sam.pt" and "sam_runtime" not in source
+    assert "sam_image_size" not in source  # 1024 is named as before the size existed: old label caches serve on
 
 
 @pytest.mark.slow
-def test_mobile_sam_onnx_through_the_stage_matches_torch(tmp_path, sam_weights, planted):
+def test_mobile_sam_at_a_smaller_image_size_through_the_stage(tmp_path, sam_weights, planted, monkeypatch):
+    """labels.sam.image_size 640: the encoder sees 640^2, the box prompts are scaled to that input (the
+    64 x 48 frame's long side to 640), and the masks still come back at the frame's size and go through the
+    same union and refinement."""
+    from ultralytics.models.sam.modules.encoders import PromptEncoder
+
+    prompts = []
+    encode_prompts = PromptEncoder.forward
+
+    def recording(self, points=None, boxes=None, masks=None):
+        prompts.append((tuple(self.input_image_size), boxes.clone()))
+        return encode_prompts(self, points=points, boxes=boxes, masks=masks)
+
+    monkeypatch.setattr(PromptEncoder, "forward", recording)
     path = sam_file(sam_weights, "mobile_sam.pt", "build_mobile_sam")
-    cfg = backend_config(tmp_path, str(path), runtime="onnx")
+    source = check_labels_of_the_stage(tmp_path, backend_config(tmp_path, str(path), image_size=640), planted)
+    assert source["sam_model_type"] == "mobile_sam.pt" and source["sam_image_size"] == 640
+    (input_size, boxes), = prompts
+    assert input_size == (640, 640)
+    assert torch.allclose(boxes.reshape(-1, 4), torch.as_tensor(planted[1][0]) * 640 / 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_size", [1024, 640])
+def test_mobile_sam_onnx_through_the_stage_matches_torch(tmp_path, sam_weights, planted, image_size):
+    path = sam_file(sam_weights, "mobile_sam.pt", "build_mobile_sam")
+    cfg = backend_config(tmp_path, str(path), runtime="onnx", image_size=image_size)
     source = check_labels_of_the_stage(tmp_path, cfg, planted)
     assert source["sam_runtime"] == "onnx"
     exported = list((cfg.cache_dir / "encoders").iterdir())
-    assert [p.name for p in exported] == [f"{source['sam_sha256']}-mobile_sam.pt.onnx"]
+    assert [p.name for p in exported] == [f"{source['sam_sha256']}-mobile_sam.pt-{image_size}.onnx"]
     onnx_masks = planted[1][1]
     planted.clear()
     check_labels_of_the_stage(tmp_path, replace(cfg, sam=replace(cfg.sam, runtime="torch")), planted)
@@ -142,7 +169,7 @@ def test_sam2_with_runtime_onnx_is_refused_before_any_work(tmp_path):
 
 
 def test_switching_backends_never_reuses_their_labels_and_switching_back_does(tmp_path, monkeypatch):
-    """The label cache key names method, backend, both weights' sha256 and the runtime."""
+    """The label cache key names method, backend, both weights' sha256, the runtime and the image size."""
     segmenters = []
 
     def counting_segmenter(*args, **kwargs):
@@ -158,7 +185,9 @@ def test_switching_backends_never_reuses_their_labels_and_switching_back_does(tm
     sam2.write_bytes(b"sam2")
     make_frames(tmp_path / "frames", ids=IDS)
     configs = {"mobile": backend_config(tmp_path, str(mobile)), "sam2": backend_config(tmp_path, str(sam2)),
-               "mobile onnx": backend_config(tmp_path, str(mobile), runtime="onnx")}
+               "mobile onnx": backend_config(tmp_path, str(mobile), runtime="onnx"),
+               "mobile 640": backend_config(tmp_path, str(mobile), image_size=640),
+               "mobile onnx 640": backend_config(tmp_path, str(mobile), runtime="onnx", image_size=640)}
     configs["mobile, other detector"] = replace(configs["mobile"], detector=replace(
         configs["mobile"].detector, weights=tmp_path / "w/yolo11n.pt"))
     (tmp_path / "w/yolo11n.pt").write_bytes(b"another detector")
@@ -167,7 +196,9 @@ def test_switching_backends_never_reuses_their_labels_and_switching_back_does(tm
     assert len(set(fingerprints.values())) == len(fingerprints)
 
     for name, reused in [("mobile", False), ("sam2", False), ("mobile onnx", False), ("mobile, other detector", False),
-                         ("mobile", True), ("sam2", True), ("mobile onnx", True)]:
+                         ("mobile 640", False), ("mobile onnx 640", False),
+                         ("mobile", True), ("sam2", True), ("mobile onnx", True), ("mobile 640", True),
+                         ("mobile onnx 640", True)]:
         segmenters.clear()
         run(tmp_path, configs[name])
         assert (not segmenters) == reused, name
@@ -182,6 +213,15 @@ def test_vit_b_keeps_the_label_cache_of_earlier_versions_and_device_overrides_th
     assert set(labeler.settings) == {"labeler", "yolo_weights", "yolo_sha256", "conf", "min_box_area", "imgsz",
                                      "sam_model_type", "sam_checkpoint", "sam_sha256", "half"}
     assert labeler.settings["sam_model_type"] == "vit_b" and labeler.settings["labeler"] == "yolo_sam"
+
+
+@pytest.mark.parametrize("model, twin", [("vit_b", "sam_b.pt"), ("vit_h", "sam_h.pt")])
+def test_segment_anything_models_refuse_another_image_size_and_name_the_alternative(tmp_path, model, twin):
+    with pytest.raises(CharsegError, match=rf"labels.sam.image_size 640 needs an ultralytics SAM-family model: "
+                                           rf"segment-anything's {model} encodes 1024\^2 only.*labels.sam.model: "
+                                           rf"{twin}.*mobile_sam.pt.*labels.sam.image_size: 1024"):
+        build_labeler(backend_config(tmp_path, model, image_size=640))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_backend_lists_the_valid_ones(tmp_path):
@@ -252,6 +292,39 @@ def test_onnx_encoder_matches_torch_and_is_exported_once(tmp_path, monkeypatch):
     path.write_bytes(b"truncated")  # a damaged cache entry is rebuilt, never used
     monkeypatch.undo()
     assert torch.allclose(onnx_image_encoder(encoder, path, ["CPUExecutionProvider"])(image), expected, atol=1e-4)
+
+
+def tiny_ultralytics_encoder(image_size: int) -> torch.nn.Module:
+    """ultralytics' SAM ViT image encoder (sam_b's kind: its position embedding follows the input size), one
+    32-wide block, set to `image_size` as SAMModel.set_imgsz sets it."""
+    from ultralytics.models.sam.modules.encoders import ImageEncoderViT
+
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=1024, embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,),
+                              use_rel_pos=True, window_size=14, out_chans=256)
+    encoder.img_size = image_size
+    return encoder.eval()
+
+
+@pytest.mark.slow
+def test_onnx_encoder_is_exported_at_the_image_size_and_refuses_another(tmp_path):
+    encoder = tiny_ultralytics_encoder(640)
+    path = tmp_path / "encoders/abc-sam_b.pt-640.onnx"
+    onnx_encoder = onnx_image_encoder(encoder, path, ["CPUExecutionProvider"])
+    image = torch.randn(1, 3, 640, 640)
+    with torch.no_grad():
+        expected = encoder(image)
+    got = onnx_encoder(image)
+    assert got.shape == expected.shape == (1, 256, 40, 40) and torch.allclose(got, expected, atol=1e-4)
+    onnx_encoder.set_imgsz([640, 640])  # what ultralytics' predictor does before each frame: the same size passes
+    with pytest.raises(CharsegError, match=r"exported for 640\^2 input, not \[1024, 1024\]"):
+        onnx_encoder.set_imgsz([1024, 1024])
+
+    # A file of another size under this size's name (renamed by hand) is foreign: rebuilt, never fed 1024^2.
+    stale = path.with_name("abc-sam_b.pt-1024.onnx")
+    path.rename(stale)
+    rebuilt = onnx_image_encoder(tiny_ultralytics_encoder(1024), stale, ["CPUExecutionProvider"])
+    assert rebuilt.session.get_inputs()[0].shape == [1, 3, 1024, 1024]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from charseg.config import LabelsConfig
+from charseg.config import SAM_IMAGE_SIZE, LabelsConfig, SamConfig
 from charseg.device import ort_providers, select_device
 from charseg.errors import CharsegError
 from charseg.io import file_sha256
@@ -257,37 +257,58 @@ def build_labeler(cfg: LabelsConfig, *, device: str | None = None) -> YoloSamLab
     if segmentation:
         return YoloSegLabeler(make_detector, {**settings, "half": half})
 
-    backend = weights.sam_backend(cfg.sam.model)
-    if cfg.sam.runtime == "onnx" and weights.is_sam2(backend):
-        raise CharsegError(f"params.yaml: labels.sam.runtime onnx runs single-tensor image encoders (vit_*, "
-                           f"MobileSAM, SAM), not {backend}'s multi-scale one: use runtime torch for SAM 2")
+    backend = check_sam_config(cfg.sam)
     sam_path = weights.resolve_sam_weights(cfg.sam.model, cfg.sam.checkpoint)
     sam_sha256 = file_sha256(sam_path)
-    # The runtime is named only when it is not torch, so label caches from before runtimes existed serve on.
+    size = cfg.sam.image_size
+    # The runtime and the input size are named only when they are not the defaults, so label caches from before
+    # either existed serve on: torch at 1024 runs exactly the code that filled them.
     runtime = {"sam_runtime": cfg.sam.runtime} if cfg.sam.runtime != "torch" else {}
+    image_size = {"sam_image_size": size} if size != SAM_IMAGE_SIZE else {}
     settings = {**settings, "sam_model_type": backend, "sam_checkpoint": sam_path.name, "sam_sha256": sam_sha256,
-                **runtime, "half": half}
-    encoder_onnx = cfg.cache_dir / "encoders" / f"{sam_sha256}-{backend}.onnx" if runtime else None
+                **runtime, **image_size, "half": half}
+    # An export's input size is fixed: one file per size, so two sizes never load each other's encoder.
+    encoder_onnx = cfg.cache_dir / "encoders" / f"{sam_sha256}-{backend}-{size}.onnx" if runtime else None
     providers = ort_providers(str(torch_device), setting)
     return YoloSamLabeler(make_detector,
-                          lambda: make_segmenter(backend, sam_path, torch_device, half, encoder_onnx, providers),
+                          lambda: make_segmenter(backend, sam_path, torch_device, half, encoder_onnx, providers, size),
                           settings)
 
 
+def check_sam_config(sam: SamConfig) -> str:
+    """The backend labels.sam.model names, once the runtime and image size are known to work with it."""
+    backend = weights.sam_backend(sam.model)
+    if sam.runtime == "onnx" and weights.is_sam2(backend):
+        raise CharsegError(f"params.yaml: labels.sam.runtime onnx runs single-tensor image encoders (vit_*, "
+                           f"MobileSAM, SAM), not {backend}'s multi-scale one: use runtime torch for SAM 2")
+    if backend in weights.SAM_RELEASES and sam.image_size != SAM_IMAGE_SIZE:
+        twin = f"sam_{backend[-1]}.pt"  # ultralytics' build of the same checkpoint: vit_b -> sam_b.pt
+        raise CharsegError(f"params.yaml: labels.sam.image_size {sam.image_size} needs an ultralytics SAM-family "
+                           f"model: segment-anything's {backend} encodes {SAM_IMAGE_SIZE}^2 only. For the same "
+                           f"{backend} at {sam.image_size} set labels.sam.model: {twin} (ultralytics' build of it, "
+                           f"see weights/README.md), or mobile_sam.pt; or set labels.sam.image_size: "
+                           f"{SAM_IMAGE_SIZE}")
+    return backend
+
+
 def make_segmenter(backend: str, path: Path, device: torch.device, half: bool, encoder_onnx: Path | None,
-                   providers: list[Any] | None) -> Segmenter:
-    """The box-prompted segmenter of a SAM backend, its image encoder on onnxruntime when `encoder_onnx`
-    (the cached export's path) is given."""
+                   providers: list[Any] | None, image_size: int = SAM_IMAGE_SIZE) -> Segmenter:
+    """The box-prompted segmenter of a SAM backend at `image_size` (vit_*: 1024 only, as check_sam_config
+    made sure), its image encoder on onnxruntime when `encoder_onnx` (the cached export's path) is given."""
     from charseg.labels.encoder_onnx import onnx_image_encoder
     from charseg.labels.sam_family import UltralyticsSamSegmenter
 
-    sam = weights.load_sam(backend, path) if backend in weights.SAM_RELEASES \
-        else weights.load_ultralytics_sam(path, backend)
+    ultralytics = backend not in weights.SAM_RELEASES
+    sam = weights.load_ultralytics_sam(path, backend) if ultralytics else weights.load_sam(backend, path)
+    if ultralytics:
+        # Before any export: MobileSAM's TinyViT reshapes by its layers' resolutions, which set_imgsz sets (the
+        # predictor sets it again before each frame, to the same size).
+        sam.set_imgsz([image_size, image_size])
     if encoder_onnx is not None:
         sam.image_encoder = onnx_image_encoder(sam.image_encoder, encoder_onnx, providers)
-    if backend in weights.SAM_RELEASES:
+    if not ultralytics:
         return SamBoxSegmenter(sam.to(device), half=half)
-    return UltralyticsSamSegmenter(sam, backend, device=device, half=half)
+    return UltralyticsSamSegmenter(sam, backend, image_size=image_size, device=device, half=half)
 
 
 def label_fingerprint(settings: Mapping[str, Any]) -> str:

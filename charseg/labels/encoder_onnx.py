@@ -3,9 +3,9 @@
 The image encoder is nearly all of SAM's time per frame at 1024^2 on 2 CPU cores (measured on this project's
 2-core machine: MobileSAM 2.7 s in torch, 1.5 s in onnxruntime, 1.8x; vit_b ~20 s a whole frame in torch). The prompt encoder and mask
 decoder stay in torch. Single-tensor encoders only (segment-anything's vit_*, ultralytics' MobileSAM and
-SAM): SAM 2's returns a multi-scale dict. Each weights file is exported once (dynamo exporter, opset 20),
-checked against torch on a random input, and cached atomically under labels.cache_dir; later runs, and
-every labelling worker, load the cached file.
+SAM): SAM 2's returns a multi-scale dict. Each weights file is exported once per input size (labels.sam.image_size:
+the export's input is fixed), checked against torch on a random input, and cached atomically under
+labels.cache_dir; later runs, and every labelling worker, load the cached file.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from charseg.config import SAM_IMAGE_SIZE
 from charseg.device import ORT_CPU
 from charseg.errors import CharsegError
 from charseg.io import write_bytes_atomic
 from charseg.ort import DEFAULT_OPSET, ort_session
 
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
-INPUT_SIZE = 1024  # every SAM family member encodes a 1024 x 1024 (padded / letterboxed) frame
 # Embeddings are O(1); the two runtimes' float32 kernels differ by ~1e-5 on them. An export that is off
 # by more is broken, not rounded.
 TOLERANCE = 1e-3
@@ -36,6 +36,13 @@ class OnnxImageEncoder(torch.nn.Module):
         super().__init__()
         self.session, self.img_size, self.path = session, img_size, path
 
+    def set_imgsz(self, imgsz: Sequence[int]) -> None:
+        """ultralytics' predictor sets the model's input size before every frame (SAMModel.set_imgsz passes it
+        on here): the export's size is fixed, so only that size is accepted, never a silently wrong one."""
+        if tuple(imgsz) != (self.img_size, self.img_size):
+            raise CharsegError(f"the ONNX SAM image encoder {self.path.name} was exported for {self.img_size}^2 "
+                               f"input, not {list(imgsz)}: labels.sam.image_size and the export must match")
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         feed = {INPUT_NAME: image.detach().float().cpu().numpy()}
         embedding = self.session.run([OUTPUT_NAME], feed)[0]
@@ -48,10 +55,14 @@ def onnx_image_encoder(encoder: torch.nn.Module, path: Path, providers: Sequence
     providers = list(providers or ort.get_available_providers())
     # As many threads as torch has: a labelling worker's share of the cores, not every core per worker.
     threads = torch.get_num_threads()
-    img_size = int(getattr(encoder, "img_size", INPUT_SIZE))
+    # The torch encoder's own size: an ultralytics model's after its set_imgsz (labels.sam.image_size).
+    img_size = int(getattr(encoder, "img_size", SAM_IMAGE_SIZE))
     if path.is_file():
         try:
-            return OnnxImageEncoder(ort_session(str(path), providers, threads), img_size, path)
+            session = ort_session(str(path), providers, threads)
+            # The file name carries the size; a file of another size (renamed by hand) is foreign all the same.
+            if session.get_inputs()[0].shape == [1, 3, img_size, img_size]:
+                return OnnxImageEncoder(session, img_size, path)
         except Exception:  # ORT's own exception types: a truncated or foreign file is rebuilt below
             pass
     data, difference = export_encoder(encoder.eval(), img_size)
@@ -61,7 +72,7 @@ def onnx_image_encoder(encoder: torch.nn.Module, path: Path, providers: Sequence
     return OnnxImageEncoder(ort_session(data, providers, threads), img_size, path)
 
 
-def export_encoder(encoder: torch.nn.Module, img_size: int = INPUT_SIZE,
+def export_encoder(encoder: torch.nn.Module, img_size: int = SAM_IMAGE_SIZE,
                    tolerance: float = TOLERANCE) -> tuple[bytes, float]:
     """The encoder as single-file ONNX bytes (opset DEFAULT_OPSET, input (1, 3, S, S)) and its max |difference|
     from torch on a random input; raises CharsegError when the export fails or misses the tolerance."""

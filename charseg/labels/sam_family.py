@@ -2,7 +2,8 @@
 
 Same box prompting as segment-anything's vit_* models: one image embedding per frame, then all of
 the frame's boxes decoded in one call, one mask and one predicted-IoU score per box. ultralytics'
-own predictor does the letterboxing to its 1024 input and the mask upscaling back to the frame.
+own predictor does the letterboxing to the square input (labels.sam.image_size: 1024 as trained, or
+smaller and faster) and the mask upscaling back to the frame.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ import torch
 
 from charseg.labels.weights import configure_ultralytics, is_sam2
 
-SAM_INPUT_SIZE = 1024  # the image encoders' native square input, as ultralytics.SAM.predict uses
-
 
 class UltralyticsSamSegmenter:
-    """Box prompts on an ultralytics SAMModel/SAM2Model; `half` runs it in float16 on CUDA."""
+    """Box prompts on an ultralytics SAMModel/SAM2Model at `image_size` (the square input side, which the
+    predictor sets on the model before each frame); `half` runs it in float16 on CUDA."""
 
-    def __init__(self, model: torch.nn.Module, backend: str, *, device: torch.device | str = "cpu",
+    def __init__(self, model: torch.nn.Module, backend: str, *, image_size: int, device: torch.device | str = "cpu",
                  half: bool = False):
         configure_ultralytics()
         from ultralytics.models.sam.predict import Predictor, SAM2Predictor
@@ -27,7 +27,7 @@ class UltralyticsSamSegmenter:
         device = torch.device(device)
         predictor_class = SAM2Predictor if is_sam2(backend) else Predictor
         # quantize=16 is ultralytics 8.4's half precision; it applies it on CUDA only.
-        overrides = {"imgsz": SAM_INPUT_SIZE, "device": str(device), "verbose": False, "save": False,
+        overrides = {"imgsz": image_size, "device": str(device), "verbose": False, "save": False,
                      "quantize": 16 if half and device.type == "cuda" else None}
         self.predictor: Any = predictor_class(overrides=overrides)
         # ultralytics' device selection sets torch's CPU threads to cpu_count - 1 for the whole process:
