@@ -280,10 +280,10 @@ def _image_tab(page: Page) -> Any:
             if examples:
                 gr.Examples(examples, inputs=image, label="validation frames")
         with gr.Column(scale=3):
-            overlays = gr.Gallery(label="overlays", columns=2, format="png", elem_id="overlays")
+            overlays = gr.Gallery(label="overlays", columns=4, height=300, object_fit="contain", format="png", elem_id="overlays")
             legend = gr.HTML()
-            probs = gr.Gallery(label="probability maps", columns=2, format="png", visible=False)
-            masks = gr.Gallery(label="masks (as charseg predict writes them)", columns=4, format="png")
+            probs = gr.Gallery(label="probability maps", columns=4, height=300, object_fit="contain", format="png", visible=False)
+            masks = gr.Gallery(label="masks (as charseg predict writes them)", columns=4, height=300, object_fit="contain", format="png")
     run.click(_shown(page.on_image), [image, chosen, threshold, show_probs], [overlays, masks, probs, legend],
               api_name="segment_image", preprocess=False)
     return chosen
