@@ -403,6 +403,14 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class TruthConfig:
+    """Exact masks to score against (labels.truth_dir, found through labels.mask_index): the masks stage's label
+    QA, the identity stage's accuracy and evaluate's second scoring."""
+    folder: Path
+    mask_index: str | None = None
+
+
+@dataclass(frozen=True)
 class LabelsConfig:
     method: str
     device: str
@@ -538,6 +546,13 @@ class Params:
     @functools.cached_property
     def identity(self) -> IdentityConfig:
         return self._section(IdentityConfig, "identity")
+
+    @property
+    def truth(self) -> TruthConfig | None:
+        """labels.truth_dir and labels.mask_index (None without a truth_dir): two keys of the labels section, all
+        that the stages scoring against the truth read and declare, so other labels params do not rerun them."""
+        folder = self.value("labels.truth_dir")
+        return TruthConfig(Path(folder), self.value("labels.mask_index")) if folder else None
 
     @property
     def task(self) -> str:

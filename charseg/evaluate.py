@@ -43,7 +43,7 @@ from matplotlib.patches import Patch
 from tqdm import tqdm
 
 from charseg import metrics
-from charseg.config import EvaluateConfig, ModelConfig
+from charseg.config import EvaluateConfig, ModelConfig, TruthConfig
 from charseg.data import read_pair, read_split
 from charseg.device import select_device
 from charseg.errors import CharsegError, require, warn
@@ -218,13 +218,6 @@ def tint(image: np.ndarray, ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Truth:
-    """The exact masks to score against besides the pipeline's labels: labels.truth_dir and labels.mask_index."""
-    folder: Path
-    mask_index: str | None = None
-
-
-@dataclass(frozen=True)
 class CharacterTruth:
     """Exact per-character masks: each validation frame's file, its values' names (characters.json) and the
     class id of each value (by name; a name the classes lack is `other`)."""
@@ -237,7 +230,7 @@ class CharacterTruth:
         return self.class_of_value[read_character_map(self.files[frame_id], None, self.values)]
 
 
-def character_truth(truth: Truth, frames: list[Frame], task: Task) -> CharacterTruth | None:
+def character_truth(truth: TruthConfig, frames: list[Frame], task: Task) -> CharacterTruth | None:
     """The per-character truth of labels.truth_dir (None, with a warning, when it has no characters.json)."""
     if not (truth.folder / CHARACTERS_FILE).is_file():
         warn(f"{TRUTH_KEY}: {truth.folder} has no {CHARACTERS_FILE}, so no per-character truth: the models are "
@@ -302,7 +295,7 @@ class Run:
 
 def evaluate(models: Mapping[str, ModelConfig], cfg: EvaluateConfig, *, split: Path, frames: FramesDir,
              masks: MasksDir, models_dir: Path, metrics_dir: Path, reports_dir: Path, plots_dir: Path,
-             truth: Truth | None = None, device: str = "auto", progress: bool = True, task: str = PERSON,
+             truth: TruthConfig | None = None, device: str = "auto", progress: bool = True, task: str = PERSON,
              identity: IdentityDir | None = None) -> dict[str, dict[str, Any]]:
     """Score every model on the validation frames, write all outputs; returns {model name: its metrics}.
     task: params.yaml's `task`; the characters task reads its classes and targets from `identity`."""
@@ -419,7 +412,7 @@ def ranking(results: dict[str, dict[str, Any]], key: str) -> list[str]:
 
 
 def write_outputs(results: dict[str, dict[str, Any]], loaded: dict[str, TorchSegmenter], cfg: EvaluateConfig,
-                  truth: Truth | None, device: torch.device, n_frames: int, run: Run, task: Task, *,
+                  truth: TruthConfig | None, device: torch.device, n_frames: int, run: Run, task: Task, *,
                   metrics_dir: Path, reports_dir: Path, plots_dir: Path) -> None:
     """metrics/evaluate/<name>.json, reports/comparison.md and .csv, plots/evaluate/*.png; models ranked by
     Dice (person) or mIoU (characters)."""

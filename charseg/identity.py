@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from charseg.config import IdentityConfig
+from charseg.config import IdentityConfig, TruthConfig
 from charseg.errors import CharsegError, warn
 from charseg.io import atomic_dir, imread, imwrite_atomic, read_csv, read_manifest, slugify, write_csv, write_json
 from charseg.labels.imported import (CHARACTERS_FILE, MaskMismatch, mask_files, read_character_map,
@@ -294,20 +294,20 @@ def assign_instances(by_frame: dict[str, list[Instance]], prototypes: dict[str, 
 # Class maps, scored against exact per-character masks when there are some
 # ---------------------------------------------------------------------------------------------
 
-def truth_source(truth_dir: Path | None, mask_index: str | None,
+def truth_source(truth: TruthConfig | None,
                  rows: list[dict[str, Any]]) -> tuple[dict[str, Path], dict[int, str]] | None:
     """(frame id -> exact per-character mask, pixel value -> name) when labels.truth_dir has per-character
     masks (characters.json and a character_mask column in its index), else None."""
-    if truth_dir is None or not mask_index:
+    if truth is None or not truth.mask_index:
         return None
-    index = Path(truth_dir) / mask_index
-    if not (Path(truth_dir) / CHARACTERS_FILE).is_file() or not index.is_file():
+    index = truth.folder / truth.mask_index
+    if not (truth.folder / CHARACTERS_FILE).is_file() or not index.is_file():
         return None
     header = read_csv(index)
     if not header or TRUTH_COLUMN not in header[0]:
         return None
-    return (mask_files(truth_dir, mask_index, rows, key="labels.truth_dir", column=TRUTH_COLUMN),
-            read_character_values(truth_dir, key="labels.truth_dir"))
+    return (mask_files(truth.folder, truth.mask_index, rows, key="labels.truth_dir", column=TRUTH_COLUMN),
+            read_character_values(truth.folder, key="labels.truth_dir"))
 
 
 def score_frame(instances: list[Instance], ids: np.ndarray, truth_map: np.ndarray, values: dict[int, str],
@@ -491,14 +491,14 @@ def _warn_about(not_found: list[str], duplicates: list[dict[str, Any]]) -> None:
 
 
 def make_identity(frames: FramesDir, masks: MasksDir, out: IdentityDir, plots_dir: Path, metrics_path: Path,
-                  cfg: IdentityConfig, truth_dir: Path | None = None, mask_index: str | None = None,
+                  cfg: IdentityConfig, truth: TruthConfig | None = None,
                   embedder: Embedder = embed) -> dict[str, Any]:
     """Class maps, classes.json, instances.csv, manifest.csv and report.json in `out`, QA plots and metrics;
     the metrics. `embedder` (frame BGR, instance mask) -> appearance vector, `embed` by default."""
     start = time.perf_counter()
     rows, by_frame = read_instances(masks)
     folders = _character_folders(rows)
-    truth = truth_source(truth_dir, mask_index, rows)
+    truth_masks = truth_source(truth, rows)
     embed_instances(rows, by_frame, frames, masks, embedder)
     prototypes = character_prototypes(folders, by_frame, cfg.min_similarity)
     duplicates = duplicate_pairs(prototypes, cfg.duplicate_similarity)
@@ -514,7 +514,8 @@ def make_identity(frames: FramesDir, masks: MasksDir, out: IdentityDir, plots_di
 
     with atomic_dir(out.root) as tmp:
         staged = IdentityDir(tmp)
-        truth_frames, problems = write_class_maps(staged, rows, by_frame, masks, classes, truth, set(characters))
+        truth_frames, problems = write_class_maps(staged, rows, by_frame, masks, classes, truth_masks,
+                                                  set(characters))
         write_json(staged.classes, {"classes": classes, "not_found": not_found})
         write_csv(staged.instance_table, [_instance_row(inst) for inst in instances], IDENTITY_COLUMNS)
         manifest = _manifest_rows(rows, by_frame)
@@ -528,13 +529,13 @@ def make_identity(frames: FramesDir, masks: MasksDir, out: IdentityDir, plots_di
             "sources": dict(Counter(inst.source for inst in instances)),
             "own_character_missing": {folder: [r["id"] for r in manifest if r["character"] == folder
                                                and r["found_own"] == 0] for folder in folders},
-            "truth_dir": str(truth_dir) if truth is not None else None, "truth_problems": problems})
+            "truth_dir": str(truth.folder) if truth_masks is not None else None, "truth_problems": problems})
     if problems:
         warn(f"{len(problems)} frame(s) left out of the identity scoring against the exact masks "
              f"(e.g. {problems[0]}); all are listed in {out.report}")
     seconds = time.perf_counter() - start  # the step's own cost, beside SAM's: QA is timed apart
     write_qa_plots(plots_dir, instances, classes, frames, masks, {r["id"]: r for r in rows}, cfg.qa_crops)
-    metrics = identity_metrics(rows, instances, characters, truth_frames if truth is not None else None)
+    metrics = identity_metrics(rows, instances, characters, truth_frames if truth_masks is not None else None)
     metrics.update(classes=classes[1:-1], not_found=not_found,
                    duplicates=[" | ".join(pair["characters"]) for pair in duplicates],
                    seconds=round(seconds, 3), seconds_per_frame=round(seconds / max(metrics["frames"], 1), 6),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from charseg.config import PARAMS_FILE, load_config
 from charseg.errors import run_cli
-from charseg.evaluate import CHARACTERS_REPORT, PERSON_REPORT, Truth, evaluate, ranking
+from charseg.evaluate import CHARACTERS_REPORT, PERSON_REPORT, evaluate, ranking
 from charseg.layout import PROJECT, FramesDir, IdentityDir, MasksDir
 from charseg.task import CHARACTERS
 
@@ -35,11 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_config(args.params)
-    truth_dir = params.value("labels.truth_dir")  # two keys of the labels section, not all of it
-    truth = Truth(Path(truth_dir), params.value("labels.mask_index")) if truth_dir else None
     results = evaluate(params.models(), params.evaluate, split=args.split, frames=FramesDir(args.frames),
                        masks=MasksDir(args.masks), models_dir=args.models, metrics_dir=args.metrics,
-                       reports_dir=args.reports, plots_dir=args.plots, truth=truth, device=args.device,
+                       reports_dir=args.reports, plots_dir=args.plots, truth=params.truth, device=args.device,
                        task=params.task, identity=IdentityDir(args.identity))
     spec = CHARACTERS_REPORT if params.task == CHARACTERS else PERSON_REPORT
     best = ranking(results, spec.rank_key)[0]

@@ -29,10 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_config(args.params)
-    truth_dir = params.value("labels.truth_dir")
     metrics = make_identity(FramesDir(args.frames), MasksDir(args.masks), IdentityDir(args.out), args.plots,
-                            args.metrics, params.identity, Path(truth_dir) if truth_dir else None,
-                            params.value("labels.mask_index"))
+                            args.metrics, params.identity, params.truth)
     truth = f", instance accuracy vs truth {metrics['instance_accuracy']:.3f}" \
         if metrics.get("instance_accuracy") is not None else ""
     print(f"identity: {metrics['instances']} instances in {metrics['frames']} frames: {len(metrics['classes'])} "

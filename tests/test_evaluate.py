@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from charseg.config import EvaluateConfig, ModelConfig
-from charseg.evaluate import Frame, Truth, evaluate, grid_ids
+from charseg.config import EvaluateConfig, ModelConfig, TruthConfig
+from charseg.evaluate import Frame, evaluate, grid_ids
 from charseg.errors import CharsegError, run_cli
 from charseg.io import read_csv, write_csv, write_json
 from charseg.layout import FramesDir, MasksDir
@@ -78,7 +78,7 @@ def run(tmp_path: Path, project: dict[str, Path], cfgs: dict, truth: bool = Fals
                     masks=project["masks"], models_dir=tmp_path / "models",
                     metrics_dir=tmp_path / "metrics" / "evaluate", reports_dir=tmp_path / "reports",
                     plots_dir=tmp_path / "plots" / "evaluate", device="cpu", progress=False,
-                    truth=Truth(project["truth"], "index.csv") if truth else None, **kwargs)
+                    truth=TruthConfig(project["truth"], "index.csv") if truth else None, **kwargs)
 
 
 @pytest.fixture(scope="module")

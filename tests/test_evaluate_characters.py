@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from charseg.config import EvaluateConfig, ModelConfig
+from charseg.config import EvaluateConfig, ModelConfig, TruthConfig
 from charseg.errors import CharsegError, run_cli
-from charseg.evaluate import Truth, evaluate
+from charseg.evaluate import evaluate
 from charseg.io import read_csv, write_csv, write_json
 from charseg.layout import FramesDir, IdentityDir, MasksDir
 from charseg.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
@@ -105,7 +105,7 @@ def run(project: dict, out: Path, names: list[str], models_dir: Path | None = No
                     masks=MasksDir(project["root"] / "no-masks"), models_dir=models_dir or project["root"] / "models",
                     metrics_dir=out / "metrics" / "evaluate", reports_dir=out / "reports",
                     plots_dir=out / "plots" / "evaluate", device="cpu", progress=False,
-                    truth=Truth(project["truth"], "index.csv") if truth else None, task="characters",
+                    truth=TruthConfig(project["truth"], "index.csv") if truth else None, task="characters",
                     identity=project["identity"])
 
 

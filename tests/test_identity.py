@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from charseg import identity
-from charseg.config import IdentityConfig
+from charseg.config import IdentityConfig, TruthConfig
 from charseg.errors import CharsegError
 from charseg.io import imread, imwrite_atomic, read_csv, write_csv
 from charseg.layout import FRAME_COLUMNS, IDENTITY_COLUMNS, INSTANCE_COLUMNS, FramesDir, IdentityDir, MasksDir
@@ -328,7 +328,7 @@ def test_truth_scoring_numbers(tmp_path):
     frames = colour_frames()
     truth = write_truth(tmp_path, frames, wrong={("alice--a--3", 2): 2, ("bob--b--2", 2): 0})
     project_frames, masks = write_project(tmp_path, frames)
-    metrics = run(tmp_path, project_frames, masks, truth_dir=truth, mask_index="index.csv")
+    metrics = run(tmp_path, project_frames, masks, truth=TruthConfig(truth, "index.csv"))
     # 9 instances; wrong: the extra of alice--a--3 is truly bob (assigned other), the alice of bob--b--2 is
     # truly background (other; assigned alice). alice: 5 assigned, 4 truly; bob: 3 assigned, 4 truly.
     assert (metrics["truth_frames"], metrics["truth_instances"]) == (7, 9)
@@ -344,7 +344,7 @@ def test_truth_without_per_character_masks_is_not_scored(tmp_path):
     truth.mkdir()
     write_csv(truth / "index.csv", [], ["video", "frame_index", "mask"])
     project_frames, masks = write_project(tmp_path, colour_frames())
-    metrics = run(tmp_path, project_frames, masks, truth_dir=truth, mask_index="index.csv")
+    metrics = run(tmp_path, project_frames, masks, truth=TruthConfig(truth, "index.csv"))
     assert "instance_accuracy" not in metrics
 
 
