@@ -180,8 +180,9 @@ def label_shard(paths: Sequence[Path], cfg: LabelsConfig, factory: LabelerFactor
 # ---------------------------------------------------------------------------------------------
 
 def missing_frames(paths: Iterable[Path], cache: LabelCache) -> list[Path]:
-    """The readable frames whose label the cache does not hold yet (unreadable ones are the stage's to report)."""
-    return [path for path in paths if (key := frame_key(path, cache)) is not None and cache.get(key) is None]
+    """The readable frames whose label the cache does not hold yet (unreadable ones are the stage's to report).
+    Damaged entries count as held: the stage's own pass through the cache relabels them after the workers."""
+    return [path for path in paths if (key := frame_key(path, cache)) is not None and not cache.has(key)]
 
 
 @contextlib.contextmanager

@@ -81,6 +81,21 @@ def test_two_worker_processes_write_the_same_bytes_as_one(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_a_damaged_cache_entry_is_relabelled_by_the_stage_after_the_workers(tmp_path, reference):
+    cfg = config(tmp_path, workers=2, batch=1)
+    run_stage(tmp_path, "first", cfg, labeler_factory=planted_factory)
+    damaged = sorted((tmp_path / "cache").rglob("*.ids.png"))[0]  # a person frame's instance map
+    damaged.write_bytes(b"")  # e.g. a disk that filled up
+    log = tmp_path / "again.log"
+    out = run_stage(tmp_path, "again", cfg, labeler_factory=partial(planted_factory, log=log))
+    assert output_bytes(out) == reference
+    # The workers skip what the cache lists (missing_frames reads no PNG); the stage's own pass finds the
+    # damaged entry unreadable and labels that one frame in this process.
+    assert segment_pids(log) == [os.getpid()]
+    assert assert_sound_cache(tmp_path / "cache") == len(FRAMES)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_a_clear_error_and_the_rerun_completes(tmp_path, reference):
     cfg = config(tmp_path, workers=2, batch=1)
     # Shards are dealt round-robin over the rows (person, empty, 3 persons, person): the first worker's

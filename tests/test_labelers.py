@@ -266,8 +266,9 @@ def test_label_cache_round_trip_and_damaged_entries_are_misses(tmp_path):
     label = FrameLabel(ids, np.array([[2, 1, 5, 4], [6, 4, 8, 6]], np.float32), np.array([0.9, 0.7], np.float32),
                        np.array([0.8, 0.6], np.float32))
     key = cache.key(b"frame bytes")
-    assert cache.get(key) is None
+    assert cache.get(key) is None and not cache.has(key)
     cache.put(key, label)
+    assert cache.has(key)
     got = cache.get(key)
     assert np.array_equal(got.instances, ids) and np.array_equal(got.mask, ids > 0)
     assert got.boxes.tolist() == [[2, 1, 5, 4], [6, 4, 8, 6]]

@@ -33,6 +33,11 @@ class LabelCache:
         folder = self.root / key[:2]
         return folder / f"{key}.json", folder / f"{key}.ids.png", folder / f"{key}.png"
 
+    def has(self, key: str) -> bool:
+        """Whether an entry for `key` was written (its JSON goes last, so one that is there is whole): without
+        decoding the instance map, as get does. A damaged entry still reads as a miss in get, and is relabelled."""
+        return self._paths(key)[0].is_file()
+
     def get(self, key: str) -> FrameLabel | None:
         meta_path, ids_path, union_path = self._paths(key)
         if not meta_path.is_file():
