@@ -33,7 +33,7 @@ from charseg.errors import CharsegError, require
 from charseg.inference import Segmenter, class_ids, predict_proba, segmenter_task
 from charseg.io import imread, read_json
 from charseg.layout import Layout
-from charseg.predict import Rendering, predict_video, probe_input
+from charseg.predict import ModelSource, Rendering, load_segmenter, predict_video, probe_input
 from charseg.task import PERSON, palette
 
 DEFAULT_PORT = 7860
@@ -46,50 +46,48 @@ NO_MODEL = ("no trained model yet: train one with `make repro` (the demo) or `dv
 @dataclass
 class ModelEntry:
     """One trained model the page can run: a checkpoint or an ONNX export."""
-    label: str                    # "unetpp", or "unetpp (onnx)" for an export
+    name: str                     # models/<name>/best.pt or exports/<name>.onnx
+    onnx: bool
     path: Path
-    segmenter: Segmenter | None   # None when the file could not be loaded (see error)
+    segmenter: Segmenter | None = None  # None when the file could not be loaded (see error)
     error: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What the page calls it: "unetpp", or "unetpp (onnx)" for an export."""
+        return f"{self.name} (onnx)" if self.onnx else self.name
 
     @property
     def meta(self) -> dict[str, Any]:
         return self.segmenter.meta if self.segmenter is not None else {}
 
 
-def _load(path: Path, onnx: bool) -> Segmenter:
-    from charseg.predict import ModelSource, load_segmenter
-
-    name = path.stem if onnx else path.parent.name
-    source = ModelSource(name=name, arch=None, checkpoint=None if onnx else path, onnx=path if onnx else None)
-    return load_segmenter(source, device="auto", amp=True)
-
-
 def find_models(layout: Layout) -> list[ModelEntry]:
     """Every models/<name>/best.pt and exports/<name>.onnx under the layout's root, loaded; a file that does not
     load is kept with its error (the page lists it and does not offer it)."""
-    files = [(p, False) for p in sorted(layout.models.glob("*/best.pt"))]
-    files += [(p, True) for p in sorted(layout.exports.glob("*.onnx"))]
-    entries = []
-    for path, onnx in files:
-        label = f"{path.stem} (onnx)" if onnx else path.parent.name
+    entries = [ModelEntry(p.parent.name, False, p) for p in sorted(layout.models.glob("*/best.pt"))]
+    entries += [ModelEntry(p.stem, True, p) for p in sorted(layout.exports.glob("*.onnx"))]
+    for entry in entries:
+        source = ModelSource(name=entry.name, arch=None, checkpoint=None if entry.onnx else entry.path,
+                             onnx=entry.path if entry.onnx else None)
         try:
-            entries.append(ModelEntry(label, path, _load(path, onnx)))
+            entry.segmenter = load_segmenter(source, device="auto", amp=True)
         except CharsegError as err:
-            entries.append(ModelEntry(label, path, None, str(err)))
+            entry.error = str(err)
     return entries
 
 
 def _score(layout: Layout, name: str, task: str) -> str:
     """Best validation score of training (dvclive), else evaluate's, as 'val Dice 0.812' / 'val mIoU 0.640'."""
     key, text = ("miou", "mIoU") if task != PERSON else ("dice", "Dice")
-    for file, metric in ((layout.live / name / "metrics.json", f"best_val_{key}"),
-                         (layout.metrics("evaluate") / f"{name}.json", key)):
+    for source, file, metric in (("val", layout.live / name / "metrics.json", f"best_val_{key}"),
+                                 ("eval", layout.metrics("evaluate") / f"{name}.json", key)):
         try:
             value = read_json(file).get(metric)
         except (CharsegError, AttributeError):
             continue
         if isinstance(value, (int, float)):
-            return f"{'val' if 'best' in metric else 'eval'} {text} {value:.3f}"
+            return f"{source} {text} {value:.3f}"
     return ""
 
 
@@ -102,7 +100,7 @@ def model_rows(layout: Layout, entries: list[ModelEntry]) -> list[list[str]]:
     for entry in entries:
         meta = entry.meta
         date = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.path.stat().st_mtime))
-        name = meta.get("model_name") or entry.label.split(" ")[0]
+        name = meta.get("model_name") or entry.name
         task = meta.get("task", PERSON) if entry.segmenter is not None else ""
         if task and task != PERSON:
             task = f"{task} ({len(meta.get('classes', [])) - 2} characters)"
@@ -163,16 +161,17 @@ def segment_image(entries: list[ModelEntry], labels: list[str] | None, image: np
         result.masks.append((mask if mask.ndim == 2 else cv2.cvtColor(mask, cv2.COLOR_BGR2RGB), entry.label))
         if with_probabilities:
             result.probabilities.append((probability_image(probs, task.name), entry.label))
-    result.legend = legend_html([e for e in chosen if segmenter_task(e.segmenter).name != PERSON])
+    result.legend = legend_html(chosen)
     return result
 
 
 def legend_html(entries: list[ModelEntry]) -> str:
-    """A swatch per class (task.palette) for each distinct class list of the characters-task models."""
+    """A swatch per class (task.palette) for each distinct class list among the entries' characters-task models
+    (person-task models have no legend)."""
     blocks, seen = [], set()
     for entry in entries:
         task = segmenter_task(entry.segmenter)
-        if task.classes in seen:
+        if task.name == PERSON or task.classes in seen:
             continue
         seen.add(task.classes)
         swatches = " ".join(
